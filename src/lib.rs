@@ -1,0 +1,16 @@
+//! tokioloop: an asyncio event loop driven by Tokio, with await from
+//! synchronous code on stackful coroutines ("fibers").
+//!
+//! Layers (see README): `loop` owns the ready queue, timers, I/O readiness
+//! and the run loop; `fiber` owns stacks and interpreter-state switching;
+//! `transports` owns sockets, pipes and processes.
+
+use pyo3::prelude::*;
+
+mod fiber;
+
+#[pymodule]
+fn _tokioloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    fiber::register(m)?;
+    Ok(())
+}
