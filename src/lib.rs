@@ -7,10 +7,13 @@
 
 use pyo3::prelude::*;
 
+#[path = "loop/mod.rs"]
+mod event_loop;
 mod fiber;
 
 #[pymodule]
 fn _tokioloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    event_loop::register(m)?;
     fiber::register(m)?;
     Ok(())
 }

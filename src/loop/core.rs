@@ -1,0 +1,1025 @@
+//! `LoopCore`: the native half of `tokioloop.Loop`.
+//!
+//! It owns the ready queue, the timer heap, the fd watchers and the run
+//! loop, and implements the hot methods (call_soon & co., time,
+//! create_future, create_task, add_reader & co.). The Python class
+//! `tokioloop.Loop(LoopCore, asyncio.AbstractEventLoop)` adds the rest.
+//!
+//! Locking: `state` is a `GilCell` (a RefCell under the GIL, a mutex on
+//! free-threaded builds). No Python code may run while it is borrowed:
+//! nothing is allocated or released (decref'd) inside. Whatever leaves the
+//! state is moved into a local "garbage" vector and released afterwards.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+use pyo3::PyTraverseError;
+
+use super::cell::GilCell;
+use super::clock;
+use super::handle::{Handle, TimerHandle};
+use super::io::{self, Driver};
+use super::job::Job;
+use super::pyobjs;
+use super::selector::{Selector, Watcher, READ, WRITE};
+use super::timers::Timers;
+
+/// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day at once.
+const MAX_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
+/// While callbacks keep the ready queue non-empty, I/O is still polled at
+/// least this often (nanoseconds). Polling on every iteration costs a
+/// syscall per callback chain step for no benefit.
+const BUSY_POLL_INTERVAL_NS: i64 = 100_000;
+
+pub(crate) struct State {
+    pub(crate) ready: VecDeque<Job>,
+    pub(crate) timers: Timers,
+    pub(crate) selector: Selector,
+}
+
+impl State {
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        for j in &self.ready {
+            j.visit(visit)?;
+        }
+        self.timers.visit(visit)?;
+        self.selector.visit(visit)
+    }
+
+    fn drain(&mut self, epfd: Option<RawFd>, garbage: &mut Garbage) {
+        garbage.jobs.extend(self.ready.drain(..));
+        self.timers.drain(&mut garbage.timers);
+        if let Some(epfd) = epfd {
+            self.selector.drain(epfd, &mut garbage.watchers);
+        }
+    }
+}
+
+/// Things taken out of the state, released once the state is not borrowed.
+#[derive(Default)]
+struct Garbage {
+    timers: Vec<Py<TimerHandle>>,
+    watchers: Vec<Watcher>,
+    jobs: Vec<Job>,
+}
+
+impl Garbage {
+    /// Give queued handles back to the GC, then drop everything.
+    fn release(self, py: Python<'_>) {
+        for t in self.timers {
+            let t = t.into_bound(py);
+            Handle::retrack(t.as_super());
+        }
+        for j in self.jobs {
+            if let Job::Handle(h) = j {
+                Handle::retrack(&h.into_bound(py));
+            }
+        }
+        drop(self.watchers);
+    }
+}
+
+#[pyclass(
+    frozen,
+    subclass,
+    weakref,
+    module = "tokioloop._tokioloop",
+    name = "LoopCore"
+)]
+pub struct LoopCore {
+    state: GilCell<State>,
+    pub(crate) driver: Driver,
+    stopping: AtomicBool,
+    closed: AtomicBool,
+    debug: AtomicBool,
+    /// threading.get_ident() of the thread running the loop, 0 if none.
+    thread_id: AtomicU64,
+    cancelled_timers: AtomicUsize,
+    task_factory: GilCell<Option<Py<PyAny>>>,
+    slow_callback_duration: AtomicU64,
+    clock_resolution: f64,
+    last_poll_ns: AtomicI64,
+    next_op_id: AtomicU64,
+}
+
+fn current_thread_ident() -> u64 {
+    // SAFETY: PyThread_get_thread_ident has no preconditions.
+    unsafe { ffi::PyThread_get_thread_ident() as u64 }
+}
+
+fn is_context(obj: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: a type check on a live object we hold a reference to.
+    unsafe { ffi::PyContext_CheckExact(obj.as_ptr()) != 0 }
+}
+
+impl LoopCore {
+    #[inline]
+    pub(crate) fn with_state<R>(&self, py: Python<'_>, f: impl FnOnce(&mut State) -> R) -> R {
+        self.state.with(py, f)
+    }
+
+    #[inline]
+    pub(crate) fn debug(&self) -> bool {
+        self.debug.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn timer_cancelled(&self) {
+        self.cancelled_timers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn new_op_id(&self) -> u64 {
+        self.next_op_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub(crate) fn check_closed(&self) -> PyResult<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(PyRuntimeError::new_err("Event loop is closed"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_thread(&self) -> PyResult<()> {
+        let running = self.thread_id.load(Ordering::Relaxed);
+        if running != 0 && running != current_thread_ident() {
+            return Err(PyRuntimeError::new_err(
+                "Non-thread-safe operation invoked on an event loop other than the current one",
+            ));
+        }
+        Ok(())
+    }
+
+    /// asyncio's `_check_callback`, done always for the cheap part (a
+    /// non-callable fails here instead of in the loop later) and in debug
+    /// mode for coroutine functions, as asyncio does.
+    fn check_callback(
+        py: Python<'_>,
+        cb: &Bound<'_, PyAny>,
+        method: &str,
+        debug: bool,
+    ) -> PyResult<()> {
+        if !cb.is_callable() {
+            if cb.hasattr("send").unwrap_or(false) && cb.hasattr("throw").unwrap_or(false) {
+                return Err(PyTypeError::new_err(format!(
+                    "coroutines cannot be used with {method}()"
+                )));
+            }
+            return Err(PyTypeError::new_err(format!(
+                "a callable object was expected by {method}(), got {}",
+                cb.repr()?
+            )));
+        }
+        if debug && pyobjs::iscoroutinefunction(py)?.call1((cb,))?.is_truthy()? {
+            return Err(PyTypeError::new_err(format!(
+                "coroutines cannot be used with {method}()"
+            )));
+        }
+        Ok(())
+    }
+
+    fn make_context(py: Python<'_>, context: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
+        match context {
+            Some(c) if !c.is_none() => {
+                if !is_context(c) {
+                    return Err(PyTypeError::new_err(format!(
+                        "context must be a contextvars.Context, got {}",
+                        c.get_type().name()?
+                    )));
+                }
+                Ok(c.clone().unbind())
+            }
+            // SAFETY: PyContext_CopyCurrent returns a new reference or NULL
+            // with an exception set, which from_owned_ptr_or_err handles.
+            _ => unsafe {
+                Ok(Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())?.unbind())
+            },
+        }
+    }
+
+    fn new_handle(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<&Bound<'_, PyAny>>,
+        debug: bool,
+    ) -> PyResult<Handle> {
+        let py = slf.py();
+        let ctx = Self::make_context(py, context)?;
+        let tb = if debug {
+            Some(pyobjs::creation_traceback(py)?)
+        } else {
+            None
+        };
+        Ok(Handle::new(
+            callback.clone().unbind(),
+            args.clone().unbind(),
+            ctx,
+            slf.clone().into_any().unbind(),
+            tb,
+        ))
+    }
+
+    #[inline]
+    pub(crate) fn push_ready(&self, py: Python<'_>, job: Job) {
+        self.state.with(py, |st| st.ready.push_back(job));
+    }
+
+    /// Queue work from any thread and wake the loop.
+    pub(crate) fn push_threadsafe(&self, py: Python<'_>, job: Job) {
+        self.push_ready(py, job);
+        self.driver.wake();
+    }
+
+    /// Queue a new handle, held by this single queue entry (see Handle::untrack).
+    #[inline]
+    fn push_new_handle(&self, h: &Bound<'_, Handle>, threadsafe: bool) {
+        Handle::untrack(h);
+        let job = Job::Handle(h.clone().unbind());
+        if threadsafe {
+            self.push_threadsafe(h.py(), job);
+        } else {
+            self.push_ready(h.py(), job);
+        }
+    }
+
+    fn schedule_at(
+        slf: &Bound<'_, Self>,
+        when: f64,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<&Bound<'_, PyAny>>,
+        method: &str,
+    ) -> PyResult<Py<TimerHandle>> {
+        let py = slf.py();
+        let this = slf.get();
+        this.check_closed()?;
+        let debug = this.debug();
+        if debug {
+            this.check_thread()?;
+        }
+        Self::check_callback(py, callback, method, debug)?;
+        let base = Self::new_handle(slf, callback, args, context, debug)?;
+        let init = PyClassInitializer::from(base).add_subclass(TimerHandle::new(when));
+        let th = Bound::new(py, init)?;
+        Handle::untrack(th.as_super());
+        let entry = th.clone().unbind();
+        this.with_state(py, |st| st.timers.push(when, entry));
+        Ok(th.unbind())
+    }
+
+    /// Install a watcher for `fd`; the one it replaces (if any) is cancelled.
+    pub(crate) fn set_watcher(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        kind: u32,
+        w: Watcher,
+    ) -> PyResult<()> {
+        let Some(epfd) = self.driver.epfd() else {
+            return Err(PyRuntimeError::new_err("Event loop is closed"));
+        };
+        let res = self.with_state(py, |st| st.selector.add(epfd, fd, kind, w));
+        match res {
+            Ok(Some(Watcher::Py(old))) => Handle::cancel_quiet(old.bind(py)),
+            Ok(_) => Ok(()),
+            Err((e, failed)) => {
+                drop(failed);
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    // What asyncio's epoll selector reports for regular files.
+                    return Err(PyErr::from(e));
+                }
+                Err(PyOSError::new_err((
+                    e.raw_os_error().unwrap_or(0),
+                    format!("cannot watch file descriptor {fd}: {e}"),
+                )))
+            }
+        }
+    }
+
+    pub(crate) fn remove_watcher(&self, py: Python<'_>, fd: RawFd, kind: u32) -> PyResult<bool> {
+        let Some(epfd) = self.driver.epfd() else {
+            return Ok(false);
+        };
+        let old = self.with_state(py, |st| st.selector.remove(epfd, fd, kind));
+        match old {
+            Some(Watcher::Py(h)) => {
+                Handle::cancel_quiet(h.bind(py))?;
+                Ok(true)
+            }
+            Some(w) => {
+                drop(w);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Remove the native operation `id` from `fd` if it is still the one
+    /// registered there.
+    pub(crate) fn remove_op(&self, py: Python<'_>, fd: RawFd, kind: u32, id: u64) {
+        let Some(epfd) = self.driver.epfd() else {
+            return;
+        };
+        let old = self.with_state(py, |st| {
+            if st.selector.op_id(fd, kind) == Some(id) {
+                st.selector.remove(epfd, fd, kind)
+            } else {
+                None
+            }
+        });
+        drop(old);
+    }
+
+    fn add_handle_watcher(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        kind: u32,
+        method: &str,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        this.check_closed()?;
+        let fd = fileobj_to_fd(fd)?;
+        let debug = this.debug();
+        Self::check_callback(py, callback, method, debug)?;
+        let h = Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        this.set_watcher(py, fd, kind, Watcher::Py(h))
+    }
+
+    // ---- the run loop ----
+
+    /// One iteration, as asyncio's `_run_once`: poll I/O (without blocking
+    /// if anything is ready), move due timers to the ready queue, then run
+    /// everything that was ready when the iteration started.
+    fn run_once(
+        slf: &Bound<'_, Self>,
+        batch: &mut VecDeque<Job>,
+        events: &mut io::Events,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let mut garbage = Garbage::default();
+        let now = clock::monotonic_ns();
+        let stopping = this.stopping.load(Ordering::Relaxed);
+        let (timeout, has_fds) = this.with_state(py, |st| {
+            st.timers
+                .purge_cancelled(py, &this.cancelled_timers, &mut garbage.timers);
+            let timeout = if !st.ready.is_empty() || stopping {
+                Some(Duration::ZERO)
+            } else {
+                st.timers.next_when().map(|when| {
+                    let t = (when - now as f64 / 1e9).clamp(0.0, MAX_SELECT_TIMEOUT);
+                    Duration::from_secs_f64(t)
+                })
+            };
+            (timeout, !st.selector.is_empty())
+        });
+        garbage.release(py);
+
+        let busy = timeout == Some(Duration::ZERO);
+        let skip_poll =
+            busy && now - this.last_poll_ns.load(Ordering::Relaxed) < BUSY_POLL_INTERVAL_NS;
+        let mut now = now;
+        if !skip_poll {
+            if has_fds || !busy {
+                py.detach(|| this.driver.wait(timeout, has_fds, events));
+                now = clock::monotonic_ns();
+            }
+            this.last_poll_ns.store(now, Ordering::Relaxed);
+            // A signal that arrived while we slept (Ctrl-C) is raised now,
+            // not at the next bytecode boundary, which may be far away.
+            // SAFETY: called with the GIL held; it only runs Python signal
+            // handlers on the main thread and is a no-op elsewhere.
+            if unsafe { ffi::PyErr_CheckSignals() } < 0 {
+                return Err(PyErr::fetch(py));
+            }
+        }
+
+        let mut garbage = Garbage::default();
+        let epfd = if events.is_empty() {
+            None
+        } else {
+            this.driver.epfd()
+        };
+        let end = now as f64 / 1e9 + this.clock_resolution;
+        this.with_state(py, |st| {
+            let State {
+                ready,
+                timers,
+                selector,
+            } = st;
+            if let Some(epfd) = epfd {
+                selector.dispatch(py, epfd, events, ready, &mut garbage.watchers);
+            }
+            if timers.len() > 0 {
+                timers.pop_due(py, end, &this.cancelled_timers, ready, &mut garbage.timers);
+            }
+            std::mem::swap(ready, batch);
+        });
+        events.clear();
+        garbage.release(py);
+
+        let debug = this.debug();
+        while let Some(job) = batch.pop_front() {
+            let res = if debug {
+                Self::run_job_debug(slf, job)
+            } else {
+                Self::run_job(slf, job)
+            };
+            if let Err(e) = res {
+                // KeyboardInterrupt/SystemExit: leave what was not run at
+                // the head of the ready queue, as asyncio does.
+                this.with_state(py, |st| {
+                    while let Some(j) = batch.pop_back() {
+                        st.ready.push_front(j);
+                    }
+                });
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn run_job(slf: &Bound<'_, Self>, job: Job) -> PyResult<()> {
+        let py = slf.py();
+        match job {
+            Job::Handle(h) => {
+                let h = h.into_bound(py);
+                let res = if h.get().is_cancelled() {
+                    Ok(())
+                } else {
+                    Handle::run(&h)
+                };
+                Handle::retrack(&h);
+                res
+            }
+            Job::Io(fd, kind, op) => super::sock::run_op(slf, fd, kind, op),
+            Job::Call(f) => f(py),
+        }
+    }
+
+    fn run_job_debug(slf: &Bound<'_, Self>, job: Job) -> PyResult<()> {
+        let py = slf.py();
+        let Job::Handle(h) = job else {
+            return Self::run_job(slf, job);
+        };
+        let h = h.into_bound(py);
+        if h.get().is_cancelled() {
+            Handle::retrack(&h);
+            return Ok(());
+        }
+        slf.setattr(pyo3::intern!(py, "_current_handle"), &h)?;
+        let t0 = clock::monotonic();
+        let res = Handle::run(&h);
+        let dt = clock::monotonic() - t0;
+        Handle::retrack(&h);
+        slf.setattr(pyo3::intern!(py, "_current_handle"), py.None())?;
+        res?;
+        let slow = f64::from_bits(slf.get().slow_callback_duration.load(Ordering::Relaxed));
+        if dt >= slow {
+            pyobjs::warn_slow_callback(py)?.call1((&h, dt))?;
+        }
+        Ok(())
+    }
+
+    fn vectorcall<'py>(
+        py: Python<'py>,
+        callable: &Bound<'py, PyAny>,
+        args: &[&Bound<'py, PyAny>],
+        kwnames: Option<&Bound<'py, PyTuple>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ptrs: Vec<*mut ffi::PyObject> = args.iter().map(|a| a.as_ptr()).collect();
+        let nkw = kwnames.map_or(0, |k| k.len());
+        let npos = ptrs.len() - nkw;
+        // SAFETY: `ptrs` holds borrowed pointers to objects kept alive by
+        // `args` for the whole call; the last `nkw` of them are the keyword
+        // values named by `kwnames` (a tuple of str), as vectorcall requires.
+        unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyObject_Vectorcall(
+                    callable.as_ptr(),
+                    ptrs.as_ptr(),
+                    npos,
+                    kwnames.map_or(std::ptr::null_mut(), |k| k.as_ptr()),
+                ),
+            )
+        }
+    }
+}
+
+/// selectors' `_fileobj_to_fd`: an int, or an object with fileno().
+pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    let fd: i64 = if let Ok(i) = obj.extract::<i64>() {
+        i
+    } else {
+        match obj.call_method0("fileno").and_then(|r| r.extract::<i64>()) {
+            Ok(i) => i,
+            Err(_) => {
+                return Err(PyValueError::new_err(format!(
+                    "Invalid file object: {}",
+                    obj.repr()?
+                )))
+            }
+        }
+    };
+    if fd < 0 || fd > i32::MAX as i64 {
+        return Err(PyValueError::new_err(format!(
+            "Invalid file descriptor: {fd}"
+        )));
+    }
+    Ok(fd as RawFd)
+}
+
+fn kwnames<'py>(py: Python<'py>, names: &[&str]) -> Bound<'py, PyTuple> {
+    PyTuple::new(
+        py,
+        names.iter().map(|n| pyo3::types::PyString::intern(py, n)),
+    )
+    .expect("tuple of str")
+}
+
+#[pymethods]
+impl LoopCore {
+    #[new]
+    fn new() -> PyResult<Self> {
+        let driver = Driver::new().map_err(|e| {
+            PyOSError::new_err((
+                e.raw_os_error().unwrap_or(0),
+                format!("cannot create the loop's reactor: {e}"),
+            ))
+        })?;
+        Ok(LoopCore {
+            state: GilCell::new(State {
+                ready: VecDeque::new(),
+                timers: Timers::default(),
+                selector: Selector::default(),
+            }),
+            driver,
+            stopping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            debug: AtomicBool::new(false),
+            thread_id: AtomicU64::new(0),
+            cancelled_timers: AtomicUsize::new(0),
+            task_factory: GilCell::new(None),
+            slow_callback_duration: AtomicU64::new(0.1f64.to_bits()),
+            clock_resolution: clock::resolution(),
+            last_poll_ns: AtomicI64::new(0),
+            next_op_id: AtomicU64::new(1),
+        })
+    }
+
+    fn time(&self) -> f64 {
+        clock::monotonic()
+    }
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let this = slf.get();
+        this.check_closed()?;
+        let debug = this.debug();
+        if debug {
+            this.check_thread()?;
+        }
+        Self::check_callback(py, callback, "call_soon", debug)?;
+        let h = Bound::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        this.push_new_handle(&h, false);
+        Ok(h.unbind())
+    }
+
+    #[pyo3(signature = (callback, *args, context=None))]
+    fn call_soon_threadsafe(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let this = slf.get();
+        this.check_closed()?;
+        let debug = this.debug();
+        Self::check_callback(py, callback, "call_soon_threadsafe", debug)?;
+        let h = Bound::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
+        this.push_new_handle(&h, true);
+        Ok(h.unbind())
+    }
+
+    #[pyo3(signature = (delay, callback, *args, context=None))]
+    fn call_later(
+        slf: &Bound<'_, Self>,
+        delay: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let d: f64 = delay.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "delay must be a real number, got {}",
+                delay
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        if d.is_nan() {
+            return Err(PyValueError::new_err("delay must not be NaN"));
+        }
+        Self::schedule_at(
+            slf,
+            clock::monotonic() + d,
+            callback,
+            args,
+            context,
+            "call_later",
+        )
+    }
+
+    #[pyo3(signature = (when, callback, *args, context=None))]
+    fn call_at(
+        slf: &Bound<'_, Self>,
+        when: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+        context: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<TimerHandle>> {
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let w: f64 = when.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "when must be a real number, got {}",
+                when.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        if w.is_nan() {
+            return Err(PyValueError::new_err("when must not be NaN"));
+        }
+        Self::schedule_at(slf, w, callback, args, context, "call_at")
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        // If stop() comes from another thread (it should not, but asyncio
+        // users do it), make a sleeping loop notice.
+        self.driver.wake();
+    }
+
+    fn is_running(&self) -> bool {
+        self.thread_id.load(Ordering::Relaxed) != 0
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn get_debug(&self) -> bool {
+        self.debug()
+    }
+
+    #[getter(_debug)]
+    fn get_debug_attr(&self) -> bool {
+        self.debug()
+    }
+
+    #[setter(_debug)]
+    fn set_debug_attr(&self, value: bool) {
+        self.debug.store(value, Ordering::Relaxed);
+    }
+
+    #[getter]
+    fn get_slow_callback_duration(&self) -> f64 {
+        f64::from_bits(self.slow_callback_duration.load(Ordering::Relaxed))
+    }
+
+    #[setter]
+    fn set_slow_callback_duration(&self, value: f64) {
+        self.slow_callback_duration
+            .store(value.to_bits(), Ordering::Relaxed);
+    }
+
+    #[getter(_clock_resolution)]
+    fn get_clock_resolution(&self) -> f64 {
+        self.clock_resolution
+    }
+
+    #[getter(_stopping)]
+    fn get_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    #[setter(_stopping)]
+    fn set_stopping(&self, value: bool) {
+        self.stopping.store(value, Ordering::Relaxed);
+    }
+
+    #[getter(_closed)]
+    fn get_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    #[getter(_thread_id)]
+    fn get_thread_id(&self) -> Option<u64> {
+        match self.thread_id.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
+        }
+    }
+
+    #[setter(_thread_id)]
+    fn set_thread_id(&self, value: Option<u64>) {
+        self.thread_id.store(value.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    #[getter(_task_factory)]
+    fn get_task_factory_attr(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.task_factory
+            .with(py, |f| f.as_ref().map(|f| f.clone_ref(py)))
+    }
+
+    #[setter(_task_factory)]
+    fn set_task_factory_attr(&self, py: Python<'_>, value: Option<Py<PyAny>>) {
+        let old = self.task_factory.with(py, |f| std::mem::replace(f, value));
+        drop(old);
+    }
+
+    fn get_task_factory(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.get_task_factory_attr(py)
+    }
+
+    fn set_task_factory(&self, py: Python<'_>, factory: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let factory = factory.filter(|f| !f.is_none());
+        if let Some(f) = factory {
+            if !f.is_callable() {
+                return Err(PyTypeError::new_err(
+                    "task factory must be a callable or None",
+                ));
+            }
+        }
+        self.set_task_factory_attr(py, factory.map(|f| f.clone().unbind()));
+        Ok(())
+    }
+
+    fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let fut_type = pyobjs::futures_module(py)?.getattr(pyo3::intern!(py, "Future"))?;
+        Self::vectorcall(
+            py,
+            &fut_type,
+            &[slf.as_any()],
+            Some(&kwnames(py, &["loop"])),
+        )
+    }
+
+    #[pyo3(signature = (coro, *, name=None, context=None, **kwargs))]
+    fn create_task<'py>(
+        slf: &Bound<'py, Self>,
+        coro: &Bound<'py, PyAny>,
+        name: Option<&Bound<'py, PyAny>>,
+        context: Option<&Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        this.check_closed()?;
+        let name = name.filter(|n| !n.is_none());
+        let context = context.filter(|c| !c.is_none());
+        let kwargs = kwargs.filter(|k| !k.is_empty());
+        if let Some(k) = kwargs.filter(|_| py.version_info() < (3, 13)) {
+            let k = k.keys().get_item(0)?;
+            return Err(PyTypeError::new_err(format!(
+                "create_task() got an unexpected keyword argument {}",
+                k.repr()?
+            )));
+        }
+        let factory = this.get_task_factory_attr(py);
+        if let Some(factory) = factory {
+            let factory = factory.bind(py);
+            let task = if context.is_none() && kwargs.is_none() {
+                factory.call1((slf, coro))?
+            } else {
+                let kw = PyDict::new(py);
+                if let Some(c) = context {
+                    kw.set_item("context", c)?;
+                }
+                if let Some(k) = kwargs {
+                    kw.update(k.as_mapping())?;
+                }
+                factory.call((slf, coro), Some(&kw))?
+            };
+            if let Some(n) = name {
+                task.call_method1(pyo3::intern!(py, "set_name"), (n,))?;
+            }
+            return Ok(task);
+        }
+        let task_type = pyobjs::tasks_module(py)?.getattr(pyo3::intern!(py, "Task"))?;
+        let task = if let Some(k) = kwargs {
+            let kw = PyDict::new(py);
+            kw.set_item("loop", slf)?;
+            if let Some(n) = name {
+                kw.set_item("name", n)?;
+            }
+            if let Some(c) = context {
+                kw.set_item("context", c)?;
+            }
+            kw.update(k.as_mapping())?;
+            task_type.call((coro,), Some(&kw))?
+        } else {
+            match (name, context) {
+                (None, None) => Self::vectorcall(
+                    py,
+                    &task_type,
+                    &[coro, slf.as_any()],
+                    Some(&kwnames(py, &["loop"])),
+                )?,
+                (Some(n), None) => Self::vectorcall(
+                    py,
+                    &task_type,
+                    &[coro, slf.as_any(), n],
+                    Some(&kwnames(py, &["loop", "name"])),
+                )?,
+                (None, Some(c)) => Self::vectorcall(
+                    py,
+                    &task_type,
+                    &[coro, slf.as_any(), c],
+                    Some(&kwnames(py, &["loop", "context"])),
+                )?,
+                (Some(n), Some(c)) => Self::vectorcall(
+                    py,
+                    &task_type,
+                    &[coro, slf.as_any(), n, c],
+                    Some(&kwnames(py, &["loop", "name", "context"])),
+                )?,
+            }
+        };
+        if this.debug() {
+            // As asyncio: drop the create_task frame from the creation traceback.
+            if let Ok(tb) = task.getattr(pyo3::intern!(py, "_source_traceback")) {
+                if tb.is_truthy()? {
+                    tb.del_item(-1)?;
+                }
+            }
+        }
+        Ok(task)
+    }
+
+    /// A Handle for `callback(*args)` in a copy of the current context,
+    /// not scheduled (asyncio's `events.Handle(callback, args, loop, None)`).
+    fn _make_handle(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<Py<Handle>> {
+        let py = slf.py();
+        let debug = slf.get().debug();
+        Self::check_callback(py, callback, "Handle", debug)?;
+        Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)
+    }
+
+    /// Queue an existing handle (signal handlers reuse theirs) and wake the loop.
+    fn _call_handle_threadsafe(&self, py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult<()> {
+        self.check_closed()?;
+        self.push_threadsafe(py, Job::Handle(handle.clone().unbind()));
+        Ok(())
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_reader(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<()> {
+        Self::add_handle_watcher(slf, fd, callback, args, READ, "add_reader")
+    }
+
+    #[pyo3(signature = (fd, callback, *args))]
+    fn add_writer(
+        slf: &Bound<'_, Self>,
+        fd: &Bound<'_, PyAny>,
+        callback: &Bound<'_, PyAny>,
+        args: &Bound<'_, PyTuple>,
+    ) -> PyResult<()> {
+        Self::add_handle_watcher(slf, fd, callback, args, WRITE, "add_writer")
+    }
+
+    fn remove_reader(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let fd = fileobj_to_fd(fd)?;
+        if self.is_closed() {
+            return Ok(false);
+        }
+        self.remove_watcher(py, fd, READ)
+    }
+
+    fn remove_writer(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let fd = fileobj_to_fd(fd)?;
+        if self.is_closed() {
+            return Ok(false);
+        }
+        self.remove_watcher(py, fd, WRITE)
+    }
+
+    /// Whether `fd` has a reader (kind="r") or writer ("w") registered.
+    fn _has_watcher(&self, py: Python<'_>, fd: &Bound<'_, PyAny>, kind: &str) -> PyResult<bool> {
+        let fd = fileobj_to_fd(fd)?;
+        let k = if kind == "r" { READ } else { WRITE };
+        Ok(self.with_state(py, |st| st.selector.has(fd, k)))
+    }
+
+    /// The native run loop: iterate until stop(). run_forever() in Python
+    /// does asyncio's set-up and clean-up around it.
+    fn _run_forever_native(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let this = slf.get();
+        let mut batch = VecDeque::new();
+        let mut events = io::new_events();
+        this.last_poll_ns.store(0, Ordering::Relaxed);
+        loop {
+            Self::run_once(slf, &mut batch, &mut events)?;
+            if this.stopping.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One iteration (asyncio's `_run_once`), for code that drives loops by hand.
+    fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let mut batch = VecDeque::new();
+        let mut events = io::new_events();
+        Self::run_once(slf, &mut batch, &mut events)
+    }
+
+    /// Number of callbacks ready to run (asyncio's `len(loop._ready)`).
+    fn _ready_count(&self, py: Python<'_>) -> usize {
+        self.with_state(py, |st| st.ready.len())
+    }
+
+    /// Number of scheduled timers (asyncio's `len(loop._scheduled)`).
+    fn _timer_count(&self, py: Python<'_>) -> usize {
+        self.with_state(py, |st| st.timers.len())
+    }
+
+    /// Native part of close(): release everything queued or watched and
+    /// stop the reactor. The caller (Loop.close) checks is_running first.
+    fn _close_native(&self, py: Python<'_>) -> PyResult<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut garbage = Garbage::default();
+        let epfd = self.driver.epfd();
+        self.with_state(py, |st| st.drain(epfd, &mut garbage));
+        let factory = self.task_factory.with(py, |f| f.take());
+        drop(factory);
+        garbage.release(py);
+        if !self.driver.close() {
+            return Err(PyRuntimeError::new_err("Cannot close a running event loop"));
+        }
+        Ok(())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(r) = self.state.try_with(|st| st.visit(&visit)) {
+            r?;
+        }
+        if let Some(r) = self
+            .task_factory
+            .try_with(|f| f.as_ref().map(|f| visit.call(f)))
+        {
+            r.transpose()?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let mut garbage = Garbage::default();
+        let epfd = self.driver.epfd();
+        self.state.try_with(|st| st.drain(epfd, &mut garbage));
+        let old = self.task_factory.try_with(|f| f.take());
+        drop(old);
+        // SAFETY: tp_clear runs with the GIL held (it is called by the GC).
+        let py = unsafe { Python::assume_attached() };
+        garbage.release(py);
+    }
+}

@@ -1,0 +1,47 @@
+//! What the ready queue holds.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::PyTraverseError;
+
+use super::handle::Handle;
+use super::sock::SockOp;
+
+pub(crate) type NativeFn = Box<dyn FnOnce(Python<'_>) -> PyResult<()> + Send>;
+
+pub(crate) enum Job {
+    /// A Python callback scheduled with call_soon & co., or a reader/writer.
+    Handle(Py<Handle>),
+    /// A native socket operation whose fd became ready: retry it.
+    Io(RawFd, u32, Arc<dyn SockOp>),
+    /// Native work handed over from another thread (DNS results, ...).
+    Call(NativeFn),
+}
+
+impl Job {
+    pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        match self {
+            Job::Handle(h) => Handle::visit_queued(h, visit),
+            Job::Io(_, _, op) => op.visit(visit),
+            Job::Call(_) => Ok(()),
+        }
+    }
+}
+
+/// `push` for both Vec and VecDeque.
+pub(crate) trait Extend1<T> {
+    fn push1(&mut self, v: T);
+}
+impl<T> Extend1<T> for Vec<T> {
+    fn push1(&mut self, v: T) {
+        self.push(v)
+    }
+}
+impl<T> Extend1<T> for std::collections::VecDeque<T> {
+    fn push1(&mut self, v: T) {
+        self.push_back(v)
+    }
+}

@@ -1,0 +1,23 @@
+//! The event loop core: ready queue, timers, I/O readiness, wake-ups from
+//! other threads, and the run loop (see core.rs).
+
+mod cell;
+mod clock;
+pub(crate) mod core;
+mod dns;
+pub(crate) mod handle;
+mod io;
+pub(crate) mod job;
+mod pyobjs;
+mod selector;
+pub(crate) mod sock;
+mod timers;
+
+use pyo3::prelude::*;
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<core::LoopCore>()?;
+    m.add_class::<handle::Handle>()?;
+    m.add_class::<handle::TimerHandle>()?;
+    Ok(())
+}
