@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -33,10 +33,32 @@ use super::timers::Timers;
 
 /// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day at once.
 const MAX_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
-/// While callbacks keep the ready queue non-empty, I/O is still polled at
-/// least this often (nanoseconds). Polling on every iteration costs a
-/// syscall per callback chain step for no benefit.
-const BUSY_POLL_INTERVAL_NS: i64 = 100_000;
+/// While callbacks keep the ready queue non-empty, I/O is polled every
+/// BUSY_POLL_ITERATIONS iterations, and at least once per kernel clock tick
+/// (1-4 ms), whichever comes first. Polling on every iteration would cost a
+/// syscall per step of a callback chain for nothing.
+const BUSY_POLL_ITERATIONS: u32 = 64;
+
+/// Per-run bookkeeping of the run loop.
+pub(crate) struct RunState {
+    batch: VecDeque<Job>,
+    events: io::Events,
+    busy_iterations: u32,
+    last_poll_coarse: i64,
+    garbage: Garbage,
+}
+
+impl RunState {
+    fn new() -> Self {
+        RunState {
+            batch: VecDeque::new(),
+            events: io::new_events(),
+            busy_iterations: BUSY_POLL_ITERATIONS,
+            last_poll_coarse: 0,
+            garbage: Garbage::default(),
+        }
+    }
+}
 
 pub(crate) struct State {
     pub(crate) ready: VecDeque<Job>,
@@ -71,18 +93,28 @@ struct Garbage {
 }
 
 impl Garbage {
-    /// Give queued handles back to the GC, then drop everything.
-    fn release(self, py: Python<'_>) {
-        for t in self.timers {
+    /// Give queued handles back to the GC, then drop everything. The vectors
+    /// keep their capacity: a Garbage lives in the RunState and is reused.
+    #[inline]
+    fn release(&mut self, py: Python<'_>) {
+        if self.timers.is_empty() && self.jobs.is_empty() && self.watchers.is_empty() {
+            return;
+        }
+        self.release_slow(py);
+    }
+
+    #[inline(never)]
+    fn release_slow(&mut self, py: Python<'_>) {
+        for t in self.timers.drain(..) {
             let t = t.into_bound(py);
             Handle::retrack(t.as_super());
         }
-        for j in self.jobs {
+        for j in self.jobs.drain(..) {
             if let Job::Handle(h) = j {
                 Handle::retrack(&h.into_bound(py));
             }
         }
-        drop(self.watchers);
+        self.watchers.clear();
     }
 }
 
@@ -105,7 +137,6 @@ pub struct LoopCore {
     task_factory: GilCell<Option<Py<PyAny>>>,
     slow_callback_duration: AtomicU64,
     clock_resolution: f64,
-    last_poll_ns: AtomicI64,
     next_op_id: AtomicU64,
 }
 
@@ -352,8 +383,9 @@ impl LoopCore {
         let fd = fileobj_to_fd(fd)?;
         let debug = this.debug();
         Self::check_callback(py, callback, method, debug)?;
-        let h = Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
-        this.set_watcher(py, fd, kind, Watcher::Py(h))
+        let h = Bound::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        Handle::ensure_tracked(&h);
+        this.set_watcher(py, fd, kind, Watcher::Py(h.unbind()))
     }
 
     // ---- the run loop ----
@@ -361,41 +393,42 @@ impl LoopCore {
     /// One iteration, as asyncio's `_run_once`: poll I/O (without blocking
     /// if anything is ready), move due timers to the ready queue, then run
     /// everything that was ready when the iteration started.
-    fn run_once(
-        slf: &Bound<'_, Self>,
-        batch: &mut VecDeque<Job>,
-        events: &mut io::Events,
-    ) -> PyResult<()> {
+    fn run_once(slf: &Bound<'_, Self>, rs: &mut RunState) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        let mut garbage = Garbage::default();
-        let now = clock::monotonic_ns();
+        let garbage = &mut rs.garbage;
         let stopping = this.stopping.load(Ordering::Relaxed);
-        let (timeout, has_fds) = this.with_state(py, |st| {
+        let (busy, next_when, has_fds, has_timers) = this.with_state(py, |st| {
             st.timers
                 .purge_cancelled(py, &this.cancelled_timers, &mut garbage.timers);
-            let timeout = if !st.ready.is_empty() || stopping {
-                Some(Duration::ZERO)
-            } else {
-                st.timers.next_when().map(|when| {
-                    let t = (when - now as f64 / 1e9).clamp(0.0, MAX_SELECT_TIMEOUT);
-                    Duration::from_secs_f64(t)
-                })
-            };
-            (timeout, !st.selector.is_empty())
+            (
+                !st.ready.is_empty() || stopping,
+                st.timers.next_when(),
+                !st.selector.is_empty(),
+                st.timers.len() > 0,
+            )
         });
         garbage.release(py);
 
-        let busy = timeout == Some(Duration::ZERO);
-        let skip_poll =
-            busy && now - this.last_poll_ns.load(Ordering::Relaxed) < BUSY_POLL_INTERVAL_NS;
-        let mut now = now;
+        let skip_poll = busy && {
+            rs.busy_iterations += 1;
+            rs.busy_iterations < BUSY_POLL_ITERATIONS && clock::coarse_ns() == rs.last_poll_coarse
+        };
         if !skip_poll {
+            let timeout = if busy {
+                Some(Duration::ZERO)
+            } else {
+                next_when.map(|when| {
+                    let t = (when - clock::monotonic()).clamp(0.0, MAX_SELECT_TIMEOUT);
+                    Duration::from_secs_f64(t)
+                })
+            };
             if has_fds || !busy {
+                let events = &mut rs.events;
                 py.detach(|| this.driver.wait(timeout, has_fds, events));
-                now = clock::monotonic_ns();
             }
-            this.last_poll_ns.store(now, Ordering::Relaxed);
+            rs.busy_iterations = 0;
+            rs.last_poll_coarse = clock::coarse_ns();
             // A signal that arrived while we slept (Ctrl-C) is raised now,
             // not at the next bytecode boundary, which may be far away.
             // SAFETY: called with the GIL held; it only runs Python signal
@@ -405,13 +438,19 @@ impl LoopCore {
             }
         }
 
-        let mut garbage = Garbage::default();
-        let epfd = if events.is_empty() {
+        let garbage = &mut rs.garbage;
+        let epfd = if rs.events.is_empty() {
             None
         } else {
             this.driver.epfd()
         };
-        let end = now as f64 / 1e9 + this.clock_resolution;
+        let end = if has_timers {
+            clock::monotonic() + this.clock_resolution
+        } else {
+            0.0
+        };
+        let batch = &mut rs.batch;
+        let events = &rs.events;
         this.with_state(py, |st| {
             let State {
                 ready,
@@ -421,15 +460,16 @@ impl LoopCore {
             if let Some(epfd) = epfd {
                 selector.dispatch(py, epfd, events, ready, &mut garbage.watchers);
             }
-            if timers.len() > 0 {
+            if has_timers {
                 timers.pop_due(py, end, &this.cancelled_timers, ready, &mut garbage.timers);
             }
             std::mem::swap(ready, batch);
         });
-        events.clear();
+        rs.events.clear();
         garbage.release(py);
 
         let debug = this.debug();
+        let batch = &mut rs.batch;
         while let Some(job) = batch.pop_front() {
             let res = if debug {
                 Self::run_job_debug(slf, job)
@@ -575,7 +615,6 @@ impl LoopCore {
             task_factory: GilCell::new(None),
             slow_callback_duration: AtomicU64::new(0.1f64.to_bits()),
             clock_resolution: clock::resolution(),
-            last_poll_ns: AtomicI64::new(0),
             next_op_id: AtomicU64::new(1),
         })
     }
@@ -896,7 +935,9 @@ impl LoopCore {
         let py = slf.py();
         let debug = slf.get().debug();
         Self::check_callback(py, callback, "Handle", debug)?;
-        Py::new(py, Self::new_handle(slf, callback, args, None, debug)?)
+        let h = Bound::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
+        Handle::ensure_tracked(&h);
+        Ok(h.unbind())
     }
 
     /// Queue an existing handle (signal handlers reuse theirs) and wake the loop.
@@ -953,11 +994,9 @@ impl LoopCore {
     /// does asyncio's set-up and clean-up around it.
     fn _run_forever_native(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
-        let mut batch = VecDeque::new();
-        let mut events = io::new_events();
-        this.last_poll_ns.store(0, Ordering::Relaxed);
+        let mut rs = RunState::new();
         loop {
-            Self::run_once(slf, &mut batch, &mut events)?;
+            Self::run_once(slf, &mut rs)?;
             if this.stopping.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -966,9 +1005,7 @@ impl LoopCore {
 
     /// One iteration (asyncio's `_run_once`), for code that drives loops by hand.
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let mut batch = VecDeque::new();
-        let mut events = io::new_events();
-        Self::run_once(slf, &mut batch, &mut events)
+        Self::run_once(slf, &mut RunState::new())
     }
 
     /// Number of callbacks ready to run (asyncio's `len(loop._ready)`).

@@ -4,6 +4,7 @@
 //! reprs in asyncio's format, and asyncio's exception reporting when the
 //! callback raises.
 
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::exceptions::{PyKeyboardInterrupt, PySystemExit};
@@ -19,14 +20,40 @@ use super::core::LoopCore;
 use super::pyobjs;
 
 pub(crate) struct Callback {
-    pub(crate) func: Py<PyAny>,
-    pub(crate) args: Py<PyTuple>,
+    pub(crate) func: ManuallyDrop<Py<PyAny>>,
+    pub(crate) args: ManuallyDrop<Py<PyTuple>>,
+}
+
+/// Release a reference on a thread that is attached to the interpreter,
+/// without pyo3's check of that (a thread-local lookup per reference, which
+/// is measurable on the callback hot path).
+///
+/// # Safety
+/// The caller must be attached (hold the GIL). Handles and callbacks are
+/// only dropped by tp_dealloc of their Python object, by cancel()/tp_clear
+/// and by the loop's garbage release, all of which run attached.
+#[inline]
+unsafe fn release_attached<T>(obj: &mut ManuallyDrop<Py<T>>) {
+    // SAFETY: the reference is owned (taken exactly once, here) and the
+    // caller guarantees the thread is attached.
+    unsafe { ffi::Py_DECREF(ManuallyDrop::take(obj).into_ptr()) }
+}
+
+impl Drop for Callback {
+    fn drop(&mut self) {
+        // SAFETY: see release_attached: callbacks are dropped attached.
+        unsafe {
+            release_attached(&mut self.func);
+            release_attached(&mut self.args);
+        }
+    }
 }
 
 #[pyclass(
     frozen,
     subclass,
     weakref,
+    freelist = 1024,
     module = "tokioloop._tokioloop",
     name = "Handle"
 )]
@@ -34,8 +61,8 @@ pub struct Handle {
     /// None once cancelled (asyncio drops the callback and its arguments on
     /// cancel so that they can be collected at once).
     cb: GilCell<Option<Callback>>,
-    context: Py<PyAny>,
-    loop_: Py<PyAny>,
+    context: ManuallyDrop<Py<PyAny>>,
+    loop_: ManuallyDrop<Py<PyAny>>,
     cancelled: AtomicBool,
     source_traceback: Option<Py<PyAny>>,
     /// Repr frozen at cancel time in debug mode (asyncio keeps it for logs).
@@ -54,9 +81,12 @@ impl Handle {
         source_traceback: Option<Py<PyAny>>,
     ) -> Self {
         Handle {
-            cb: GilCell::new(Some(Callback { func, args })),
-            context,
-            loop_,
+            cb: GilCell::new(Some(Callback {
+                func: ManuallyDrop::new(func),
+                args: ManuallyDrop::new(args),
+            })),
+            context: ManuallyDrop::new(context),
+            loop_: ManuallyDrop::new(loop_),
             cancelled: AtomicBool::new(false),
             source_traceback,
             repr: GilCell::new(None),
@@ -78,7 +108,22 @@ impl Handle {
         slf.get().untracked.store(true, Ordering::Relaxed);
     }
 
-    /// The queue entry is gone: give the handle back to the GC.
+    /// A handle that the loop does not queue (reader, signal handler):
+    /// make sure the GC tracks it (objects reused from the free list start
+    /// untracked).
+    pub(crate) fn ensure_tracked(slf: &Bound<'_, Handle>) {
+        // SAFETY: live GC object, GIL held; Track only if not tracked yet.
+        unsafe {
+            let p = slf.as_ptr();
+            if ffi::PyObject_GC_IsTracked(p) == 0 {
+                ffi::PyObject_GC_Track(p.cast());
+            }
+        }
+    }
+
+    /// The queue entry is gone: give the handle back to the GC. When ours
+    /// is the last reference the handle is about to be freed, so tracking it
+    /// would be wasted work.
     #[inline]
     pub(crate) fn retrack(slf: &Bound<'_, Handle>) {
         if slf.get().untracked.swap(false, Ordering::Relaxed) {
@@ -86,7 +131,7 @@ impl Handle {
             // must not be called on an object that is already tracked).
             unsafe {
                 let p = slf.as_ptr();
-                if ffi::PyObject_GC_IsTracked(p) == 0 {
+                if ffi::Py_REFCNT(p) > 1 && ffi::PyObject_GC_IsTracked(p) == 0 {
                     ffi::PyObject_GC_Track(p.cast());
                 }
             }
@@ -107,16 +152,16 @@ impl Handle {
     fn visit_contents(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         let r = self.cb.try_with(|c| -> Result<(), PyTraverseError> {
             if let Some(c) = c.as_ref() {
-                visit.call(&c.func)?;
-                visit.call(&c.args)?;
+                visit.call(&*c.func)?;
+                visit.call(&*c.args)?;
             }
             Ok(())
         });
         if let Some(r) = r {
             r?;
         }
-        visit.call(&self.context)?;
-        visit.call(&self.loop_)?;
+        visit.call(&*self.context)?;
+        visit.call(&*self.loop_)?;
         if let Some(t) = &self.source_traceback {
             visit.call(t)?;
         }
@@ -239,6 +284,17 @@ impl Handle {
     }
 }
 
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: see release_attached: a Handle is only dropped by its
+        // Python object's tp_dealloc (or a failed construction), attached.
+        unsafe {
+            release_attached(&mut self.context);
+            release_attached(&mut self.loop_);
+        }
+    }
+}
+
 pub(crate) fn loop_debug(lp: &Bound<'_, PyAny>) -> bool {
     match lp.cast::<LoopCore>() {
         Ok(core) => core.get().debug(),
@@ -326,7 +382,7 @@ impl Handle {
     }
 }
 
-#[pyclass(frozen, extends = Handle, module = "tokioloop._tokioloop", name = "TimerHandle")]
+#[pyclass(frozen, extends = Handle, freelist = 1024, module = "tokioloop._tokioloop", name = "TimerHandle")]
 pub struct TimerHandle {
     when: f64,
     /// True while the handle sits in the loop's timer heap.

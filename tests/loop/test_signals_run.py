@@ -182,7 +182,7 @@ CTRL_C_PLAIN = textwrap.dedent(
     import asyncio, sys, tokioloop
     loop = tokioloop.new_event_loop()
     loop.call_later(60, loop.stop)
-    print("ready", flush=True)
+    loop.call_soon(lambda: print("ready", flush=True))  # once the loop runs
     try:
         loop.run_forever()
     except KeyboardInterrupt:
