@@ -10,10 +10,12 @@ use pyo3::prelude::*;
 #[path = "loop/mod.rs"]
 mod event_loop;
 mod fiber;
+mod transports;
 
 #[pymodule]
 fn _tokioloop(m: &Bound<'_, PyModule>) -> PyResult<()> {
     event_loop::register(m)?;
+    transports::register(m)?;
     fiber::register(m)?;
     Ok(())
 }

@@ -27,6 +27,7 @@ from asyncio import events as _events
 from collections.abc import Callable
 from typing import Any
 
+from ._network import NetworkMixin
 from ._tokioloop import Handle, LoopCore
 
 __all__ = ["Loop", "new_event_loop"]
@@ -51,20 +52,7 @@ def _debug_from_environment() -> bool:
     )
 
 
-def _not_implemented(name: str) -> Callable[..., Any]:
-    def method(self: Loop, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            f"tokioloop: loop.{name}() is not implemented yet; native transports "
-            "(TCP, Unix sockets, UDP, pipes, subprocesses, TLS, sendfile) are "
-            "the next milestone, see README 'Not done yet'"
-        )
-
-    method.__name__ = name
-    method.__qualname__ = f"Loop.{name}"
-    return method
-
-
-class Loop(LoopCore, asyncio.AbstractEventLoop):  # type: ignore[misc]
+class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[misc]
     """An asyncio event loop driven by a Tokio current-thread runtime."""
 
     def __init__(self) -> None:
@@ -82,6 +70,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):  # type: ignore[misc]
         self._ssock: socket.socket | None = None
         self._csock: socket.socket | None = None
         self._wakeup_restore: int | None = None
+        self._init_network()
 
     def __repr__(self) -> str:
         return (
@@ -229,6 +218,8 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):  # type: ignore[misc]
             raise TypeError("Socket cannot be of type SSLSocket")
         if self._debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
+        if self._transports:
+            self._ensure_fd_no_transport(sock)
 
     async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
         self._check_sock(sock)
@@ -282,7 +273,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):  # type: ignore[misc]
         self._check_sock(sock)
         if sock.family == socket.AF_INET or (_HAS_IPV6 and sock.family == socket.AF_INET6):
             resolved = await self._ensure_resolved(
-                address, family=sock.family, type=sock.type, proto=sock.proto
+                address, family=sock.family, type=sock.type, proto=sock.proto, loop=self
             )
             _, _, _, _, address = resolved[0]
         r = self._sock_connect(sock, address)
@@ -299,22 +290,7 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):  # type: ignore[misc]
             return await r
         return r
 
-    async def _ensure_resolved(
-        self,
-        address: Any,
-        *,
-        family: int = 0,
-        type: int = socket.SOCK_STREAM,
-        proto: int = 0,
-        flags: int = 0,
-    ) -> list[Any]:
-        host, port = address[:2]
-        info = _numeric_addrinfo(host, port, family, type, proto, *address[2:])
-        if info is not None:
-            return [info]
-        return await self.getaddrinfo(
-            host, port, family=family, type=type, proto=proto, flags=flags
-        )
+    _ensure_resolved = _B._ensure_resolved
 
     async def sock_sendfile(
         self,
@@ -533,21 +509,6 @@ class Loop(LoopCore, asyncio.AbstractEventLoop):  # type: ignore[misc]
                 logger.info("set_wakeup_fd(-1) failed: %s", exc)
         return True
 
-    # ---- not done yet: native transports ---------------------------------
-
-    create_connection = _not_implemented("create_connection")
-    create_server = _not_implemented("create_server")
-    create_unix_connection = _not_implemented("create_unix_connection")
-    create_unix_server = _not_implemented("create_unix_server")
-    create_datagram_endpoint = _not_implemented("create_datagram_endpoint")
-    connect_accepted_socket = _not_implemented("connect_accepted_socket")
-    connect_read_pipe = _not_implemented("connect_read_pipe")
-    connect_write_pipe = _not_implemented("connect_write_pipe")
-    subprocess_exec = _not_implemented("subprocess_exec")
-    subprocess_shell = _not_implemented("subprocess_shell")
-    start_tls = _not_implemented("start_tls")
-    sendfile = _not_implemented("sendfile")
-
 
 def _sighandler_noop(signum: int, frame: Any) -> None:
     """Python-level handler: the real work happens in the loop, woken by the
@@ -568,42 +529,6 @@ def _check_sendfile_params(sock: socket.socket, file: Any, offset: Any, count: A
         raise TypeError(f"offset must be a non-negative integer (got {offset!r})")
     if offset < 0:
         raise ValueError(f"offset must be a non-negative integer (got {offset!r})")
-
-
-def _numeric_addrinfo(
-    host: Any, port: Any, family: int, type: int, proto: int, flowinfo: int = 0, scopeid: int = 0
-) -> tuple[Any, ...] | None:
-    """The getaddrinfo() entry for an address that is already numeric, or
-    None when a real lookup is needed."""
-    if host is None or proto not in (0, socket.IPPROTO_TCP, socket.IPPROTO_UDP):
-        return None
-    if type == socket.SOCK_STREAM:
-        proto = socket.IPPROTO_TCP
-    elif type == socket.SOCK_DGRAM:
-        proto = socket.IPPROTO_UDP
-    else:
-        return None
-    if port is None or port == b"" or port == "":
-        port = 0
-    else:
-        try:
-            port = int(port)
-        except (TypeError, ValueError):
-            return None
-    if isinstance(host, bytes):
-        host = host.decode("idna")
-    if not isinstance(host, str) or "%" in host:
-        return None
-    families = [family] if family else [socket.AF_INET] + ([socket.AF_INET6] if _HAS_IPV6 else [])
-    for af in families:
-        try:
-            socket.inet_pton(af, host)
-        except (OSError, ValueError):
-            continue
-        if _HAS_IPV6 and af == socket.AF_INET6:
-            return af, type, proto, "", (host, port, flowinfo, scopeid)
-        return af, type, proto, "", (host, port)
-    return None
 
 
 def new_event_loop() -> Loop:

@@ -30,6 +30,8 @@ use super::job::Job;
 use super::pyobjs;
 use super::selector::{Selector, Watcher, READ, WRITE};
 use super::timers::Timers;
+use crate::transports::{stream::MAX_READ, Source};
+use std::collections::HashMap;
 
 /// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day at once.
 const MAX_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
@@ -46,6 +48,7 @@ pub(crate) struct RunState {
     busy_iterations: u32,
     last_poll_coarse: i64,
     garbage: Garbage,
+    tokens: Vec<(u64, u8)>,
 }
 
 impl RunState {
@@ -56,6 +59,7 @@ impl RunState {
             busy_iterations: BUSY_POLL_ITERATIONS,
             last_poll_coarse: 0,
             garbage: Garbage::default(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -138,6 +142,11 @@ pub struct LoopCore {
     slow_callback_duration: AtomicU64,
     clock_resolution: f64,
     next_op_id: AtomicU64,
+    next_token: AtomicU64,
+    /// Transports registered with the reactor, by token.
+    sources: GilCell<HashMap<u64, Source>>,
+    /// One receive buffer for all transports of the loop.
+    read_buf: GilCell<Vec<u8>>,
 }
 
 fn current_thread_ident() -> u64 {
@@ -163,6 +172,30 @@ impl LoopCore {
 
     pub(crate) fn timer_cancelled(&self) {
         self.cancelled_timers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn new_token(&self) -> u64 {
+        self.next_token.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn register_source(&self, py: Python<'_>, token: u64, source: Source) {
+        let old = self.sources.with(py, |m| m.insert(token, source));
+        drop(old);
+    }
+
+    pub(crate) fn unregister_source(&self, py: Python<'_>, token: u64) {
+        let old = self.sources.with(py, |m| m.remove(&token));
+        drop(old);
+    }
+
+    /// Run `f` on the loop's receive buffer (MAX_READ bytes).
+    pub(crate) fn with_read_buffer<R>(&self, py: Python<'_>, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        self.read_buf.with(py, |b| {
+            if b.len() < MAX_READ {
+                b.resize(MAX_READ, 0);
+            }
+            f(b)
+        })
     }
 
     pub(crate) fn new_op_id(&self) -> u64 {
@@ -451,6 +484,20 @@ impl LoopCore {
         };
         let batch = &mut rs.batch;
         let events = &rs.events;
+        let tokens = &mut rs.tokens;
+        if !skip_poll {
+            this.driver.ready.take(tokens);
+        }
+        let mut woken: Vec<Job> = Vec::new();
+        if !tokens.is_empty() {
+            this.sources.with(py, |m| {
+                for (token, kind) in tokens.drain(..) {
+                    if let Some(src) = m.get(&token) {
+                        woken.push(Job::Source(src.clone_ref(py), kind));
+                    }
+                }
+            });
+        }
         this.with_state(py, |st| {
             let State {
                 ready,
@@ -460,6 +507,7 @@ impl LoopCore {
             if let Some(epfd) = epfd {
                 selector.dispatch(py, epfd, events, ready, &mut garbage.watchers);
             }
+            ready.extend(woken);
             if has_timers {
                 timers.pop_due(py, end, &this.cancelled_timers, ready, &mut garbage.timers);
             }
@@ -505,7 +553,32 @@ impl LoopCore {
                 res
             }
             Job::Io(fd, kind, op) => super::sock::run_op(slf, fd, kind, op),
-            Job::Call(f) => f(py),
+            Job::Call(f) => Self::report_native(slf, f(py)),
+            Job::Source(src, kind) => Self::report_native(slf, src.on_ready(py, kind)),
+        }
+    }
+
+    /// An error out of native work (a protocol callback that raised where
+    /// asyncio would report it through the exception handler too): report
+    /// it; only SystemExit/KeyboardInterrupt stop the loop.
+    #[cold]
+    fn report_error(slf: &Bound<'_, Self>, err: PyErr) -> PyResult<()> {
+        let py = slf.py();
+        if crate::transports::stream::is_base_exit(py, &err) {
+            return Err(err);
+        }
+        let ctx = PyDict::new(py);
+        ctx.set_item("message", "Exception in callback (tokioloop native)")?;
+        ctx.set_item("exception", err.value(py))?;
+        slf.call_method1(pyo3::intern!(py, "call_exception_handler"), (ctx,))?;
+        Ok(())
+    }
+
+    #[inline]
+    fn report_native(slf: &Bound<'_, Self>, res: PyResult<()>) -> PyResult<()> {
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) => Self::report_error(slf, e),
         }
     }
 
@@ -616,6 +689,9 @@ impl LoopCore {
             slow_callback_duration: AtomicU64::new(0.1f64.to_bits()),
             clock_resolution: clock::resolution(),
             next_op_id: AtomicU64::new(1),
+            next_token: AtomicU64::new(1),
+            sources: GilCell::new(HashMap::new()),
+            read_buf: GilCell::new(Vec::new()),
         })
     }
 
@@ -1029,6 +1105,10 @@ impl LoopCore {
         self.with_state(py, |st| st.drain(epfd, &mut garbage));
         let factory = self.task_factory.with(py, |f| f.take());
         drop(factory);
+        // Transports left open stay usable for their finalizers (which
+        // close their fds), but the loop no longer holds them.
+        let sources = self.sources.with(py, std::mem::take);
+        drop(sources);
         garbage.release(py);
         if !self.driver.close() {
             return Err(PyRuntimeError::new_err("Cannot close a running event loop"));
@@ -1038,6 +1118,14 @@ impl LoopCore {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         if let Some(r) = self.state.try_with(|st| st.visit(&visit)) {
+            r?;
+        }
+        if let Some(r) = self.sources.try_with(|m| -> Result<(), PyTraverseError> {
+            for s in m.values() {
+                s.visit(&visit)?;
+            }
+            Ok(())
+        }) {
             r?;
         }
         if let Some(r) = self
@@ -1054,6 +1142,8 @@ impl LoopCore {
         let epfd = self.driver.epfd();
         self.state.try_with(|st| st.drain(epfd, &mut garbage));
         let old = self.task_factory.try_with(|f| f.take());
+        drop(old);
+        let old = self.sources.try_with(std::mem::take);
         drop(old);
         // SAFETY: tp_clear runs with the GIL held (it is called by the GC).
         let py = unsafe { Python::assume_attached() };

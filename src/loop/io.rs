@@ -11,8 +11,9 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::pin;
-use std::sync::{Arc, RwLock};
-use std::task::Poll;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Poll, Wake, Waker};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -38,6 +39,80 @@ pub(crate) struct Driver {
     io: RwLock<Option<Io>>,
     epfd: RawFd,
     pub(crate) notify: Arc<Notify>,
+    /// Tokens of Tokio-registered fds (transports) that became ready.
+    pub(crate) ready: Arc<ReadyTokens>,
+    /// How many fds are registered with Tokio (zero-timeout polls must run
+    /// the reactor only if there are any).
+    sources: Arc<AtomicUsize>,
+}
+
+/// Readiness of transports' fds, as reported by Tokio's reactor through
+/// `TokenWaker`s: (token, kind) pairs, drained by the loop each iteration.
+pub(crate) struct ReadyTokens {
+    list: Mutex<Vec<(u64, u8)>>,
+    notify: Arc<Notify>,
+}
+
+impl ReadyTokens {
+    pub(crate) fn take(&self, out: &mut Vec<(u64, u8)>) {
+        let mut l = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut *l, out);
+    }
+
+    fn push(&self, token: u64, kind: u8) {
+        let was_empty = {
+            let mut l = self.list.lock().unwrap_or_else(|e| e.into_inner());
+            l.push((token, kind));
+            l.len() == 1
+        };
+        if was_empty {
+            // Wakes a loop blocked in `wait`; later events of the same
+            // reactor turn find the list non-empty and need no wake-up.
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// The waker Tokio's reactor calls when a transport's fd becomes readable
+/// (kind 0) or writable (kind 1).
+pub(crate) struct TokenWaker {
+    token: u64,
+    kind: u8,
+    ready: Arc<ReadyTokens>,
+}
+
+impl Wake for TokenWaker {
+    fn wake(self: Arc<Self>) {
+        self.ready.push(self.token, self.kind);
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.push(self.token, self.kind);
+    }
+}
+
+/// A raw fd that somebody else (a Python socket or file object) owns.
+pub(crate) struct FdRef(pub(crate) RawFd);
+
+impl AsRawFd for FdRef {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// An fd registered with the loop's Tokio reactor, with the wakers that
+/// report its readiness to the loop.
+pub(crate) struct Registration {
+    pub(crate) afd: AsyncFd<FdRef>,
+    pub(crate) read_waker: Waker,
+    pub(crate) write_waker: Waker,
+    driver_sources: Arc<AtomicUsize>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.driver_sources.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub(crate) type Events = Vec<libc::epoll_event>;
@@ -87,10 +162,52 @@ impl Driver {
             }
             .map_err(|e| e.into_parts().1)?
         };
+        let notify = Arc::new(Notify::new());
         Ok(Driver {
             io: RwLock::new(Some(Io { afd, rt })),
             epfd: raw,
-            notify: Arc::new(Notify::new()),
+            ready: Arc::new(ReadyTokens {
+                list: Mutex::new(Vec::new()),
+                notify: notify.clone(),
+            }),
+            notify,
+            sources: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Register `fd` (owned by the caller, who must keep it open until the
+    /// Registration is dropped) with the reactor, for reading and writing.
+    pub(crate) fn register(&self, fd: RawFd, token: u64) -> io::Result<Registration> {
+        let g = self.io.read().unwrap_or_else(|e| e.into_inner());
+        let Some(io) = g.as_ref() else {
+            return Err(io::Error::other("Event loop is closed"));
+        };
+        let afd = {
+            let _guard = io.rt.enter();
+            // SAFETY: the caller keeps `fd` open and pointing to the same
+            // file for the life of the Registration: transports drop their
+            // Registration before they close their socket or pipe.
+            unsafe {
+                AsyncFd::register_with_interest(
+                    FdRef(fd),
+                    tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+                )
+            }
+            .map_err(|e| e.into_parts().1)?
+        };
+        self.sources.fetch_add(1, Ordering::Relaxed);
+        let waker = |kind| {
+            Waker::from(Arc::new(TokenWaker {
+                token,
+                kind,
+                ready: self.ready.clone(),
+            }))
+        };
+        Ok(Registration {
+            afd,
+            read_waker: waker(0),
+            write_waker: waker(1),
+            driver_sources: self.sources.clone(),
         })
     }
 
@@ -130,8 +247,13 @@ impl Driver {
             return;
         };
         if timeout == Some(Duration::ZERO) {
-            // Nothing but the private epoll needs polling yet, so skip the
-            // runtime entirely: one epoll_wait(0), as asyncio's select(0).
+            if self.sources.load(Ordering::Relaxed) > 0 {
+                // Let the reactor look at transports' fds once, without
+                // sleeping: yield_now makes the scheduler poll the driver
+                // with a zero timeout before resuming us.
+                io.rt.block_on(tokio::task::yield_now());
+            }
+            // The private epoll: one epoll_wait(0), as asyncio's select(0).
             if has_fds {
                 epoll_wait_now(self.epfd, events);
             }

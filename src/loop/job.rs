@@ -9,6 +9,7 @@ use pyo3::PyTraverseError;
 
 use super::handle::Handle;
 use super::sock::SockOp;
+use crate::transports::Source;
 
 pub(crate) type NativeFn = Box<dyn FnOnce(Python<'_>) -> PyResult<()> + Send>;
 
@@ -19,6 +20,8 @@ pub(crate) enum Job {
     Io(RawFd, u32, Arc<dyn SockOp>),
     /// Native work handed over from another thread (DNS results, ...).
     Call(NativeFn),
+    /// A transport's fd is ready (kind: READ or WRITE).
+    Source(Source, u8),
 }
 
 impl Job {
@@ -27,6 +30,7 @@ impl Job {
             Job::Handle(h) => Handle::visit_queued(h, visit),
             Job::Io(_, _, op) => op.visit(visit),
             Job::Call(_) => Ok(()),
+            Job::Source(s, _) => s.visit(visit),
         }
     }
 }

@@ -1,12 +1,12 @@
 //! The event loop core: ready queue, timers, I/O readiness, wake-ups from
 //! other threads, and the run loop (see core.rs).
 
-mod cell;
+pub(crate) mod cell;
 mod clock;
 pub(crate) mod core;
 mod dns;
 pub(crate) mod handle;
-mod io;
+pub(crate) mod io;
 pub(crate) mod job;
 mod pyobjs;
 mod selector;

@@ -1,0 +1,1231 @@
+//! The native half of stream transports: TCP and Unix sockets, and the
+//! read and write ends of pipes.
+//!
+//! The fd is registered with the loop's Tokio reactor (edge-triggered);
+//! readiness reaches the loop through `TokenWaker`s and runs here as jobs of
+//! the ready queue, in order with other callbacks. Reads go into the loop's
+//! shared buffer and reach `protocol.data_received()` as bytes (or straight
+//! into the buffer of a `BufferedProtocol`). Writes try the fd at once and
+//! keep what did not fit in a native buffer, with asyncio's flow control.
+//!
+//! The Python object protocols see is a `tokioloop._transports` class (an
+//! `asyncio.Transport`); it holds this core and binds the hot methods of it.
+
+use std::os::fd::RawFd;
+use std::task::{Context, Poll};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView};
+use pyo3::PyTraverseError;
+
+use crate::event_loop::cell::GilCell;
+use crate::event_loop::core::LoopCore;
+use crate::event_loop::io::Registration;
+use crate::event_loop::job::Job;
+
+use super::{Source, READ, WRITE};
+
+/// asyncio's `max_size`: at most this much is read per readiness event.
+pub(crate) const MAX_READ: usize = 256 * 1024;
+/// asyncio's LOG_THRESHOLD_FOR_CONNLOST_WRITES.
+const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
+const DEFAULT_HIGH_WATER: usize = 64 * 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Socket,
+    ReadPipe,
+    WritePipe,
+}
+
+/// Unsent data: one contiguous region `data[start..]`, compacted lazily.
+#[derive(Default)]
+struct WriteBuffer {
+    data: Vec<u8>,
+    start: usize,
+}
+
+impl WriteBuffer {
+    fn len(&self) -> usize {
+        self.data.len() - self.start
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start >= self.data.len() / 2 {
+            self.data.drain(..self.start);
+            self.start = 0;
+        }
+        self.data.extend_from_slice(bytes);
+    }
+    fn pending(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.data.len() {
+            self.data.clear();
+            self.start = 0;
+        }
+    }
+    fn clear(&mut self) {
+        self.data = Vec::new();
+        self.start = 0;
+    }
+}
+
+struct Callbacks {
+    protocol: Py<PyAny>,
+    buffered: bool,
+    data_received: Option<Py<PyAny>>,
+    get_buffer: Option<Py<PyAny>>,
+    buffer_updated: Option<Py<PyAny>>,
+}
+
+struct State {
+    reg: Option<Registration>,
+    cb: Option<Callbacks>,
+    /// The Python transport object handed to protocols.
+    wrapper: Option<Py<PyAny>>,
+    /// The Python object owning the fd (socket or pipe file), closed last.
+    file: Option<Py<PyAny>>,
+    protocol_connected: bool,
+    paused: bool,
+    closing: bool,
+    eof: bool,
+    conn_lost: u32,
+    buf: WriteBuffer,
+    high_water: usize,
+    low_water: usize,
+    protocol_paused: bool,
+    /// A future loop.sendfile() waits on until the buffer is empty.
+    empty_waiter: Option<Py<PyAny>>,
+    started: bool,
+}
+
+#[pyclass(frozen, module = "tokioloop._tokioloop", name = "StreamTransportCore")]
+pub struct StreamCore {
+    lp: Py<LoopCore>,
+    token: u64,
+    fd: RawFd,
+    kind: Kind,
+    /// Write pipes: a readable event means the reader closed its end.
+    watch_hangup: bool,
+    st: GilCell<State>,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn os_error(py: Python<'_>, err: i32) -> PyErr {
+    let _ = py;
+    PyErr::from(std::io::Error::from_raw_os_error(err))
+}
+
+enum ReadOutcome {
+    Nothing,
+    Data(usize, bool),
+    Eof,
+    Error(i32),
+}
+
+impl StreamCore {
+    fn lp<'py>(&self, py: Python<'py>) -> &Bound<'py, LoopCore> {
+        self.lp.bind(py)
+    }
+
+    fn wrapper<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.st
+            .with(py, |s| s.wrapper.as_ref().map(|w| w.bind(py).clone()))
+    }
+
+    /// Ask Tokio to report readability (read interest) through our waker.
+    /// Returns true when the fd is ready now (then a job was queued).
+    fn arm(slf: &Bound<'_, Self>, kind: u8) {
+        let py = slf.py();
+        let this = slf.get();
+        let ready = this.st.with(py, |s| {
+            let Some(reg) = s.reg.as_ref() else {
+                return false;
+            };
+            if kind == READ {
+                let mut cx = Context::from_waker(&reg.read_waker);
+                matches!(reg.afd.poll_read_ready(&mut cx), Poll::Ready(_))
+            } else {
+                let mut cx = Context::from_waker(&reg.write_waker);
+                matches!(reg.afd.poll_write_ready(&mut cx), Poll::Ready(_))
+            }
+        });
+        if ready {
+            this.lp(py)
+                .get()
+                .push_ready(py, Job::Source(Source::Stream(slf.clone().unbind()), kind));
+        }
+    }
+
+    /// Clear Tokio's readiness (after EAGAIN or a short read/write) and
+    /// re-arm the waker.
+    fn clear_and_arm(slf: &Bound<'_, Self>, kind: u8) {
+        let py = slf.py();
+        slf.get().st.with(py, |s| {
+            if let Some(reg) = s.reg.as_ref() {
+                let waker = if kind == READ {
+                    &reg.read_waker
+                } else {
+                    &reg.write_waker
+                };
+                let mut cx = Context::from_waker(waker);
+                let r = if kind == READ {
+                    reg.afd.poll_read_ready(&mut cx)
+                } else {
+                    reg.afd.poll_write_ready(&mut cx)
+                };
+                if let Poll::Ready(Ok(mut g)) = r {
+                    g.clear_ready();
+                }
+            }
+        });
+        Self::arm(slf, kind);
+    }
+
+    fn call_protocol0<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let proto = self
+            .st
+            .with(py, |s| s.cb.as_ref().map(|c| c.protocol.clone_ref(py)));
+        match proto {
+            Some(p) => Ok(Some(p.bind(py).call_method0(name)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Report a fatal error through the Python wrapper (which logs or calls
+    /// the exception handler as asyncio does) and close at once.
+    fn fatal(slf: &Bound<'_, Self>, err: PyErr, message: &str) -> PyResult<()> {
+        let py = slf.py();
+        if let Some(w) = slf.get().wrapper(py) {
+            w.call_method1(pyo3::intern!(py, "_fatal_error"), (err.value(py), message))?;
+        } else {
+            Self::force_close(slf, Some(err.value(py).clone().into_any().unbind()))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn on_ready(slf: &Bound<'_, Self>, kind: u8) -> PyResult<()> {
+        if kind == WRITE {
+            return Self::on_writable(slf);
+        }
+        if slf.get().kind == Kind::WritePipe {
+            if slf.get().watch_hangup {
+                return Self::on_write_pipe_hangup(slf);
+            }
+            return Ok(());
+        }
+        Self::on_readable(slf)
+    }
+
+    /// The write end of a pipe became "readable": the reader went away.
+    fn on_write_pipe_hangup(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let (live, pending) = this.st.with(py, |s| {
+            let live = s.reg.is_some() && s.started && s.conn_lost == 0;
+            (live, !s.buf.is_empty())
+        });
+        if !live {
+            return Ok(());
+        }
+        if this.lp(py).get().debug() {
+            if let Some(w) = this.wrapper(py) {
+                w.call_method0(pyo3::intern!(py, "_log_eof"))?;
+            }
+        }
+        let exc = if pending {
+            Some(
+                pyo3::exceptions::PyBrokenPipeError::new_err(())
+                    .value(py)
+                    .clone()
+                    .into_any()
+                    .unbind(),
+            )
+        } else {
+            None
+        };
+        Self::force_close(slf, exc)
+    }
+
+    fn read_error_message(&self) -> &'static str {
+        if self.kind == Kind::Socket {
+            "Fatal read error on socket transport"
+        } else {
+            "Fatal read error on pipe transport"
+        }
+    }
+
+    fn write_error_message(&self) -> &'static str {
+        if self.kind == Kind::Socket {
+            "Fatal write error on socket transport"
+        } else {
+            "Fatal write error on pipe transport"
+        }
+    }
+
+    fn reading_enabled(&self, s: &State) -> bool {
+        self.kind != Kind::WritePipe && !s.closing && !s.paused && s.conn_lost == 0 && s.started
+    }
+
+    fn on_readable(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let buffered = match this.st.with(py, |s| {
+            if !this.reading_enabled(s) || s.reg.is_none() {
+                return None;
+            }
+            s.cb.as_ref().map(|c| c.buffered)
+        }) {
+            Some(b) => b,
+            None => return Ok(()),
+        };
+        if buffered {
+            return Self::read_buffered(slf);
+        }
+        let lp = this.lp(py).get();
+        // Read into the loop's shared buffer (no allocation per read), then
+        // copy exactly what arrived into a bytes object.
+        let (outcome, data) = lp.with_read_buffer(py, |buf| {
+            let outcome = this.st.with(py, |s| this.read_into(s, buf));
+            match outcome {
+                ReadOutcome::Data(n, _) => (outcome, Some(PyBytes::new(py, &buf[..n]))),
+                o => (o, None),
+            }
+        });
+        Self::after_read(slf, outcome, data)
+    }
+
+    /// One read syscall into `buf`, honouring Tokio's readiness.
+    fn read_into(&self, s: &mut State, buf: &mut [u8]) -> ReadOutcome {
+        let Some(reg) = s.reg.as_ref() else {
+            return ReadOutcome::Nothing;
+        };
+        let mut cx = Context::from_waker(&reg.read_waker);
+        let mut guard = match reg.afd.poll_read_ready(&mut cx) {
+            Poll::Pending => return ReadOutcome::Nothing,
+            Poll::Ready(Err(e)) => {
+                return ReadOutcome::Error(e.raw_os_error().unwrap_or(libc::EIO))
+            }
+            Poll::Ready(Ok(g)) => g,
+        };
+        loop {
+            // SAFETY: `buf` is a valid writable region of buf.len() bytes and
+            // `self.fd` stays open while the registration exists.
+            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                let n = n as usize;
+                let short = n < buf.len();
+                if short {
+                    // Less than asked: the socket is drained for now.
+                    guard.clear_ready();
+                }
+                return ReadOutcome::Data(n, short);
+            }
+            if n == 0 {
+                return ReadOutcome::Eof;
+            }
+            match errno() {
+                libc::EINTR => continue,
+                libc::EAGAIN => {
+                    guard.clear_ready();
+                    return ReadOutcome::Nothing;
+                }
+                e => return ReadOutcome::Error(e),
+            }
+        }
+    }
+
+    fn after_read(
+        slf: &Bound<'_, Self>,
+        outcome: ReadOutcome,
+        data: Option<Bound<'_, PyBytes>>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        match outcome {
+            ReadOutcome::Nothing => {
+                Self::arm(slf, READ);
+                Ok(())
+            }
+            ReadOutcome::Error(e) => Self::fatal(slf, os_error(py, e), this.read_error_message()),
+            ReadOutcome::Eof => Self::on_eof(slf),
+            ReadOutcome::Data(_, short) => {
+                let cb = this.st.with(py, |s| {
+                    s.cb.as_ref()
+                        .and_then(|c| c.data_received.as_ref().map(|f| f.clone_ref(py)))
+                });
+                if let (Some(cb), Some(data)) = (cb, data) {
+                    if let Err(e) = cb.bind(py).call1((data,)) {
+                        if is_base_exit(py, &e) {
+                            return Err(e);
+                        }
+                        return Self::fatal(
+                            slf,
+                            e,
+                            "Fatal error: protocol.data_received() call failed.",
+                        );
+                    }
+                }
+                if short {
+                    Self::arm(slf, READ);
+                } else {
+                    // The buffer filled up: there may be more. Read again on
+                    // the next iteration, after other callbacks had a turn.
+                    this.lp(py)
+                        .get()
+                        .push_ready(py, Job::Source(Source::Stream(slf.clone().unbind()), READ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn read_buffered(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let (get_buffer, buffer_updated) = match this.st.with(py, |s| {
+            s.cb.as_ref().map(|c| {
+                (
+                    c.get_buffer.as_ref().map(|f| f.clone_ref(py)),
+                    c.buffer_updated.as_ref().map(|f| f.clone_ref(py)),
+                )
+            })
+        }) {
+            Some((Some(g), Some(u))) => (g, u),
+            _ => return Ok(()),
+        };
+        // Is there something to read? (Do not ask the protocol for a buffer
+        // just to find out there is nothing.)
+        let ready = this.st.with(py, |s| {
+            s.reg.as_ref().is_some_and(|reg| {
+                let mut cx = Context::from_waker(&reg.read_waker);
+                matches!(reg.afd.poll_read_ready(&mut cx), Poll::Ready(Ok(_)))
+            })
+        });
+        if !ready {
+            return Ok(());
+        }
+        let buf = match get_buffer.bind(py).call1((-1,)) {
+            Ok(b) => b,
+            Err(e) => {
+                if is_base_exit(py, &e) {
+                    return Err(e);
+                }
+                return Self::fatal(slf, e, "Fatal error: protocol.get_buffer() call failed.");
+            }
+        };
+        let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
+        // SAFETY: PyObject_GetBuffer fills `view` on success; we release it
+        // below on every path. PyBUF_WRITABLE asks for a contiguous writable
+        // buffer, which is what recv_into needs too.
+        if unsafe { ffi::PyObject_GetBuffer(buf.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_WRITABLE) }
+            < 0
+        {
+            return Self::fatal(
+                slf,
+                PyErr::fetch(py),
+                "Fatal error: protocol.get_buffer() call failed.",
+            );
+        }
+        // SAFETY: initialised by the successful PyObject_GetBuffer above.
+        let mut view = unsafe { view.assume_init() };
+        let len = view.len as usize;
+        let outcome = if len == 0 {
+            None
+        } else {
+            // SAFETY: view.buf points to `len` writable bytes that stay valid
+            // until PyBuffer_Release.
+            let target = unsafe { std::slice::from_raw_parts_mut(view.buf.cast::<u8>(), len) };
+            Some(this.st.with(py, |s| this.read_into(s, target)))
+        };
+        // SAFETY: releases the view obtained above, exactly once.
+        unsafe { ffi::PyBuffer_Release(&mut view) };
+        let Some(outcome) = outcome else {
+            return Self::fatal(
+                slf,
+                PyRuntimeError::new_err("get_buffer() returned an empty buffer"),
+                "Fatal error: protocol.get_buffer() call failed.",
+            );
+        };
+        match outcome {
+            ReadOutcome::Data(n, short) => {
+                if let Err(e) = buffer_updated.bind(py).call1((n,)) {
+                    if is_base_exit(py, &e) {
+                        return Err(e);
+                    }
+                    return Self::fatal(
+                        slf,
+                        e,
+                        "Fatal error: protocol.buffer_updated() call failed.",
+                    );
+                }
+                if short {
+                    Self::arm(slf, READ);
+                } else {
+                    this.lp(py)
+                        .get()
+                        .push_ready(py, Job::Source(Source::Stream(slf.clone().unbind()), READ));
+                }
+                Ok(())
+            }
+            other => Self::after_read(slf, other, None),
+        }
+    }
+
+    fn on_eof(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        if this.lp(py).get().debug() {
+            if let Some(w) = this.wrapper(py) {
+                w.call_method0(pyo3::intern!(py, "_log_eof"))?;
+            }
+        }
+        if this.kind == Kind::ReadPipe {
+            // As asyncio's read pipes: eof_received() and connection_lost()
+            // are both scheduled; eof_received's answer does not matter.
+            let proto = this.st.with(py, |s| {
+                s.closing = true;
+                s.conn_lost += 1;
+                s.cb.as_ref().map(|c| c.protocol.clone_ref(py))
+            });
+            if let Some(p) = proto {
+                let eof = p
+                    .bind(py)
+                    .getattr(pyo3::intern!(py, "eof_received"))?
+                    .unbind();
+                this.lp(py).get().push_ready(
+                    py,
+                    Job::Call(Box::new(move |py| eof.bind(py).call0().map(|_| ()))),
+                );
+            }
+            Self::schedule_connection_lost(slf, None);
+            return Ok(());
+        }
+        let keep_open = match this.call_protocol0(py, "eof_received") {
+            Ok(r) => r.map(|v| v.is_truthy()).transpose()?.unwrap_or(false),
+            Err(e) => {
+                if is_base_exit(py, &e) {
+                    return Err(e);
+                }
+                return Self::fatal(slf, e, "Fatal error: protocol.eof_received() call failed.");
+            }
+        };
+        if keep_open && this.kind == Kind::Socket {
+            // Keep the connection open for writing; stop reading.
+            this.st.with(py, |s| s.paused = true);
+            Ok(())
+        } else {
+            Self::do_close(slf)
+        }
+    }
+
+    fn on_writable(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        enum W {
+            Nothing,
+            Rearm,
+            Drained,
+            Error(i32),
+        }
+        let w = this.st.with(py, |s| {
+            if s.buf.is_empty() || s.conn_lost > 0 {
+                return W::Nothing;
+            }
+            let Some(reg) = s.reg.as_ref() else {
+                return W::Nothing;
+            };
+            let mut cx = Context::from_waker(&reg.write_waker);
+            let mut guard = match reg.afd.poll_write_ready(&mut cx) {
+                Poll::Pending => return W::Nothing,
+                Poll::Ready(Err(e)) => return W::Error(e.raw_os_error().unwrap_or(libc::EIO)),
+                Poll::Ready(Ok(g)) => g,
+            };
+            loop {
+                let pending = s.buf.pending();
+                match this.write_raw(pending) {
+                    Ok(n) => {
+                        let all = n == pending.len();
+                        s.buf.consume(n);
+                        if all {
+                            return W::Drained;
+                        }
+                        guard.clear_ready();
+                        return W::Rearm;
+                    }
+                    Err(libc::EINTR) => continue,
+                    Err(libc::EAGAIN) => {
+                        guard.clear_ready();
+                        return W::Rearm;
+                    }
+                    Err(e) => return W::Error(e),
+                }
+            }
+        });
+        match w {
+            W::Nothing => Ok(()),
+            W::Rearm => {
+                Self::arm(slf, WRITE);
+                Self::maybe_resume_protocol(slf)
+            }
+            W::Error(e) => {
+                this.st.with(py, |s| s.buf.clear());
+                Self::fatal(slf, os_error(py, e), this.write_error_message())
+            }
+            W::Drained => {
+                Self::maybe_resume_protocol(slf)?;
+                Self::after_drain(slf)
+            }
+        }
+    }
+
+    /// The write buffer just became empty.
+    fn after_drain(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let (closing, eof, waiter) = this
+            .st
+            .with(py, |s| (s.closing, s.eof, s.empty_waiter.take()));
+        if let Some(w) = waiter {
+            let w = w.bind(py);
+            if !w.call_method0("done")?.is_truthy()? {
+                w.call_method1("set_result", (py.None(),))?;
+            }
+        }
+        if closing {
+            this.st.with(py, |s| s.conn_lost += 1);
+            Self::schedule_connection_lost(slf, None);
+        } else if eof {
+            this.shutdown_write();
+        }
+        Ok(())
+    }
+
+    fn shutdown_write(&self) {
+        if self.kind == Kind::Socket {
+            // SAFETY: shutdown on our (open) fd; errors (ENOTCONN) are harmless here.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+        }
+    }
+
+    /// One write/send syscall; Err(errno) on failure.
+    fn write_raw(&self, data: &[u8]) -> Result<usize, i32> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: `data` is a valid readable region; fd open while registered.
+        // MSG_NOSIGNAL: a reset peer gives EPIPE, never SIGPIPE.
+        let n = unsafe {
+            if self.kind == Kind::Socket {
+                libc::send(
+                    self.fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            } else {
+                libc::write(self.fd, data.as_ptr().cast(), data.len())
+            }
+        };
+        if n < 0 {
+            Err(errno())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    fn maybe_pause_protocol(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let pause = this.st.with(py, |s| {
+            if s.buf.len() <= s.high_water || s.protocol_paused {
+                return false;
+            }
+            s.protocol_paused = true;
+            true
+        });
+        if pause {
+            Self::call_flow_control(slf, "pause_writing")?;
+        }
+        Ok(())
+    }
+
+    fn maybe_resume_protocol(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let resume = this.st.with(py, |s| {
+            if !s.protocol_paused || s.buf.len() > s.low_water {
+                return false;
+            }
+            s.protocol_paused = false;
+            true
+        });
+        if resume {
+            Self::call_flow_control(slf, "resume_writing")?;
+        }
+        Ok(())
+    }
+
+    fn call_flow_control(slf: &Bound<'_, Self>, name: &str) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        if let Err(e) = this.call_protocol0(py, name) {
+            if is_base_exit(py, &e) {
+                return Err(e);
+            }
+            let ctx = PyDict::new(py);
+            ctx.set_item("message", format!("protocol.{name}() failed"))?;
+            ctx.set_item("exception", e.value(py))?;
+            ctx.set_item("transport", this.wrapper(py))?;
+            let proto = this
+                .st
+                .with(py, |s| s.cb.as_ref().map(|c| c.protocol.clone_ref(py)));
+            ctx.set_item("protocol", proto)?;
+            this.lp(py)
+                .call_method1(pyo3::intern!(py, "call_exception_handler"), (ctx,))?;
+        }
+        Ok(())
+    }
+
+    fn schedule_connection_lost(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) {
+        let py = slf.py();
+        let me = slf.clone().unbind();
+        slf.get().lp(py).get().push_ready(
+            py,
+            Job::Call(Box::new(move |py| {
+                StreamCore::call_connection_lost(me.bind(py), exc)
+            })),
+        );
+    }
+
+    fn call_connection_lost(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let (connected, proto) = this.st.with(py, |s| {
+            (
+                s.protocol_connected,
+                s.cb.as_ref().map(|c| c.protocol.clone_ref(py)),
+            )
+        });
+        let res = match (connected, proto) {
+            (true, Some(p)) => p
+                .bind(py)
+                .call_method1(pyo3::intern!(py, "connection_lost"), (exc,))
+                .map(|_| ()),
+            _ => Ok(()),
+        };
+        // Whatever the protocol did: unregister, close the fd's owner, let go.
+        let (reg, file, cb, wrapper, waiter) = this.st.with(py, |s| {
+            s.buf.clear();
+            (
+                s.reg.take(),
+                s.file.take(),
+                s.cb.take(),
+                s.wrapper.take(),
+                s.empty_waiter.take(),
+            )
+        });
+        drop(reg);
+        this.lp(py).get().unregister_source(py, this.token);
+        let mut close_err = None;
+        if let Some(f) = file {
+            if let Err(e) = f.bind(py).call_method0(pyo3::intern!(py, "close")) {
+                close_err = Some(e);
+            }
+        }
+        if let Some(w) = &wrapper {
+            w.bind(py)
+                .call_method0(pyo3::intern!(py, "_connection_lost_done"))?;
+        }
+        drop((cb, wrapper, waiter));
+        res?;
+        if let Some(e) = close_err {
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn do_close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let lost_now = this.st.with(py, |s| {
+            if s.closing {
+                return false;
+            }
+            s.closing = true;
+            if s.buf.is_empty() {
+                s.conn_lost += 1;
+                true
+            } else {
+                false
+            }
+        });
+        if lost_now {
+            Self::schedule_connection_lost(slf, None);
+        }
+        Ok(())
+    }
+
+    fn force_close(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let go = this.st.with(py, |s| {
+            if s.conn_lost > 0 {
+                return false;
+            }
+            s.buf.clear();
+            s.closing = true;
+            s.conn_lost += 1;
+            true
+        });
+        if go {
+            Self::schedule_connection_lost(slf, exc);
+        }
+        Ok(())
+    }
+
+    fn set_callbacks(py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<Callbacks> {
+        let buffered_type = py
+            .import("asyncio")?
+            .getattr(pyo3::intern!(py, "BufferedProtocol"))?;
+        let buffered = protocol.is_instance(&buffered_type)?;
+        let get = |name: &str| protocol.getattr(name).ok().map(Bound::unbind);
+        Ok(Callbacks {
+            protocol: protocol.clone().unbind(),
+            buffered,
+            data_received: if buffered { None } else { get("data_received") },
+            get_buffer: if buffered { get("get_buffer") } else { None },
+            buffer_updated: if buffered {
+                get("buffer_updated")
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Bytes-like data as asyncio's transports accept it.
+    fn check_data(data: &Bound<'_, PyAny>) -> PyResult<()> {
+        if data.is_instance_of::<PyBytes>()
+            || data.is_instance_of::<PyByteArray>()
+            || data.is_instance_of::<PyMemoryView>()
+        {
+            Ok(())
+        } else {
+            Err(PyTypeError::new_err(format!(
+                "data argument must be a bytes-like object, not {:?}",
+                data.get_type().name()?.to_string()
+            )))
+        }
+    }
+}
+
+pub(crate) fn is_base_exit(py: Python<'_>, e: &PyErr) -> bool {
+    e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py)
+        || e.is_instance_of::<pyo3::exceptions::PySystemExit>(py)
+}
+
+/// Run `f` on the contents of a bytes-like object.
+fn with_bytes<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R) -> PyResult<R> {
+    if let Ok(b) = data.cast::<PyBytes>() {
+        return Ok(f(b.as_bytes()));
+    }
+    let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
+    // SAFETY: as in read_buffered: the view is released on every path.
+    if unsafe { ffi::PyObject_GetBuffer(data.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_SIMPLE) } < 0 {
+        return Err(PyErr::fetch(data.py()));
+    }
+    // SAFETY: initialised by the successful call above.
+    let mut view = unsafe { view.assume_init() };
+    // SAFETY: a PyBUF_SIMPLE view is `len` contiguous readable bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(view.buf.cast::<u8>(), view.len as usize) };
+    let r = f(bytes);
+    // SAFETY: released exactly once.
+    unsafe { ffi::PyBuffer_Release(&mut view) };
+    Ok(r)
+}
+
+#[pymethods]
+impl StreamCore {
+    /// `kind`: "socket", "read_pipe" or "write_pipe". `file` owns `fd`.
+    #[new]
+    fn new(
+        py: Python<'_>,
+        lp: Bound<'_, LoopCore>,
+        file: Bound<'_, PyAny>,
+        fd: RawFd,
+        protocol: Bound<'_, PyAny>,
+        wrapper: Bound<'_, PyAny>,
+        kind: &str,
+    ) -> PyResult<Self> {
+        let kind_name = kind;
+        let kind = match kind {
+            "socket" => Kind::Socket,
+            "read_pipe" => Kind::ReadPipe,
+            "write_pipe" | "write_tty" => Kind::WritePipe,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown transport kind {other:?}"
+                )))
+            }
+        };
+        lp.get().check_closed()?;
+        let token = lp.get().new_token();
+        let reg = lp.get().driver.register(fd, token).map_err(PyErr::from)?;
+        Ok(StreamCore {
+            lp: lp.unbind(),
+            token,
+            fd,
+            kind,
+            watch_hangup: kind_name == "write_pipe",
+            st: GilCell::new(State {
+                reg: Some(reg),
+                cb: Some(Self::set_callbacks(py, &protocol)?),
+                wrapper: Some(wrapper.unbind()),
+                file: Some(file.unbind()),
+                protocol_connected: true,
+                paused: false,
+                closing: false,
+                eof: false,
+                conn_lost: 0,
+                buf: WriteBuffer::default(),
+                high_water: DEFAULT_HIGH_WATER,
+                low_water: DEFAULT_HIGH_WATER / 4,
+                protocol_paused: false,
+                empty_waiter: None,
+                started: false,
+            }),
+        })
+    }
+
+    /// Register with the loop and start reading (as asyncio's transports
+    /// do right after connection_made, which the caller scheduled).
+    fn _start(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        this.lp(py)
+            .get()
+            .register_source(py, this.token, Source::Stream(slf.clone().unbind()));
+        let me = slf.clone().unbind();
+        this.lp(py).get().push_ready(
+            py,
+            Job::Call(Box::new(move |py| {
+                let me = me.bind(py);
+                let this = me.get();
+                this.st.with(py, |s| s.started = true);
+                // A write pipe's "readable" event means the reader went away.
+                if this.kind != Kind::WritePipe || this.watch_hangup {
+                    StreamCore::arm(me, READ);
+                }
+                Ok(())
+            })),
+        );
+        Ok(())
+    }
+
+    fn write(slf: &Bound<'_, Self>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        Self::check_data(data)?;
+        enum Next {
+            Done,
+            Buffered(bool),
+            Warn,
+            Error(i32),
+        }
+        let next = with_bytes(data, |bytes| {
+            this.st.with(py, |s| -> PyResult<Next> {
+                if s.eof {
+                    return Err(PyRuntimeError::new_err(
+                        "Cannot call write() after write_eof()",
+                    ));
+                }
+                if s.empty_waiter.is_some() {
+                    return Err(PyRuntimeError::new_err(
+                        "unable to write; sendfile is in progress",
+                    ));
+                }
+                if bytes.is_empty() {
+                    return Ok(Next::Done);
+                }
+                if s.conn_lost > 0 {
+                    s.conn_lost += 1;
+                    return Ok(if s.conn_lost > LOG_THRESHOLD_FOR_CONNLOST_WRITES {
+                        Next::Warn
+                    } else {
+                        Next::Done
+                    });
+                }
+                if !s.buf.is_empty() {
+                    s.buf.push(bytes);
+                    return Ok(Next::Buffered(false));
+                }
+                let mut off = 0;
+                loop {
+                    match this.write_raw(&bytes[off..]) {
+                        Ok(n) => {
+                            off += n;
+                            if off == bytes.len() {
+                                return Ok(Next::Done);
+                            }
+                        }
+                        Err(libc::EINTR) => continue,
+                        Err(libc::EAGAIN) => break,
+                        Err(e) => return Ok(Next::Error(e)),
+                    }
+                    // A partial write: the socket buffer is full.
+                    break;
+                }
+                s.buf.push(&bytes[off..]);
+                Ok(Next::Buffered(true))
+            })
+        })??;
+        match next {
+            Next::Done => Ok(()),
+            Next::Warn => {
+                let log = py
+                    .import("logging")?
+                    .call_method1("getLogger", ("asyncio",))?;
+                log.call_method1("warning", ("socket.send() raised exception.",))?;
+                Ok(())
+            }
+            Next::Error(e) => Self::fatal(slf, os_error(py, e), this.write_error_message()),
+            Next::Buffered(arm) => {
+                if arm {
+                    Self::clear_and_arm(slf, WRITE);
+                }
+                Self::maybe_pause_protocol(slf)
+            }
+        }
+    }
+
+    fn writelines(slf: &Bound<'_, Self>, list_of_data: &Bound<'_, PyAny>) -> PyResult<()> {
+        for item in list_of_data.try_iter()? {
+            Self::write(slf, &item?)?;
+        }
+        Ok(())
+    }
+
+    fn write_eof(&self, py: Python<'_>) {
+        let shutdown = self.st.with(py, |s| {
+            if s.closing || s.eof {
+                return false;
+            }
+            s.eof = true;
+            s.buf.is_empty()
+        });
+        if shutdown {
+            self.shutdown_write();
+        }
+    }
+
+    fn can_write_eof(&self) -> bool {
+        self.kind == Kind::Socket
+    }
+
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        Self::do_close(slf)
+    }
+
+    fn _force_close(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
+        Self::force_close(slf, exc)
+    }
+
+    fn is_closing(&self, py: Python<'_>) -> bool {
+        self.st.with(py, |s| s.closing)
+    }
+
+    fn is_reading(&self, py: Python<'_>) -> bool {
+        self.st.with(py, |s| !s.paused && !s.closing)
+    }
+
+    fn pause_reading(&self, py: Python<'_>) {
+        self.st.with(py, |s| {
+            if !s.closing {
+                s.paused = true;
+            }
+        });
+    }
+
+    fn resume_reading(slf: &Bound<'_, Self>) {
+        let py = slf.py();
+        let resume = slf.get().st.with(py, |s| {
+            if s.closing || !s.paused {
+                return false;
+            }
+            s.paused = false;
+            true
+        });
+        if resume {
+            // Data may have arrived while paused: look now.
+            Self::arm(slf, READ);
+        }
+    }
+
+    fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
+        self.st.with(py, |s| s.buf.len())
+    }
+
+    fn get_write_buffer_limits(&self, py: Python<'_>) -> (usize, usize) {
+        self.st.with(py, |s| (s.low_water, s.high_water))
+    }
+
+    #[pyo3(signature = (high=None, low=None))]
+    fn set_write_buffer_limits(
+        slf: &Bound<'_, Self>,
+        high: Option<&Bound<'_, PyAny>>,
+        low: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let high = high.filter(|h| !h.is_none());
+        let low = low.filter(|l| !l.is_none());
+        let (h, l): (i64, i64) = match (high, low) {
+            (None, None) => (DEFAULT_HIGH_WATER as i64, DEFAULT_HIGH_WATER as i64 / 4),
+            (None, Some(l)) => {
+                let l: i64 = l.extract()?;
+                (4 * l, l)
+            }
+            (Some(h), None) => {
+                let h: i64 = h.extract()?;
+                (h, h / 4)
+            }
+            (Some(h), Some(l)) => (h.extract()?, l.extract()?),
+        };
+        if !(h >= l && l >= 0) {
+            return Err(PyValueError::new_err(format!(
+                "high ({h}) must be >= low ({l}) must be >= 0"
+            )));
+        }
+        slf.get().st.with(py, |s| {
+            s.high_water = h as usize;
+            s.low_water = l as usize;
+        });
+        Self::maybe_pause_protocol(slf)
+    }
+
+    fn set_protocol(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
+        let cb = Self::set_callbacks(py, protocol)?;
+        let old = self.st.with(py, |s| {
+            s.protocol_connected = true;
+            s.cb.replace(cb)
+        });
+        drop(old);
+        Ok(())
+    }
+
+    fn get_protocol(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.st
+            .with(py, |s| s.cb.as_ref().map(|c| c.protocol.clone_ref(py)))
+    }
+
+    /// For loop.sendfile(): a future that completes when the write buffer
+    /// is empty (asyncio's `_make_empty_waiter`).
+    fn _make_empty_waiter(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
+        let fut = this
+            .lp(py)
+            .call_method0(pyo3::intern!(py, "create_future"))?;
+        let (busy, empty) = this
+            .st
+            .with(py, |s| (s.empty_waiter.is_some(), s.buf.is_empty()));
+        if busy {
+            return Err(PyRuntimeError::new_err("Empty waiter is already set"));
+        }
+        if empty {
+            fut.call_method1("set_result", (py.None(),))?;
+        } else {
+            let f = fut.clone().unbind();
+            this.st.with(py, |s| s.empty_waiter = Some(f));
+        }
+        Ok(fut.unbind())
+    }
+
+    /// Unregister and close the fd now, without protocol callbacks (for a
+    /// transport garbage-collected unclosed, as asyncio's __del__ does).
+    fn _close_now(&self, py: Python<'_>) -> PyResult<()> {
+        let (reg, file) = self.st.with(py, |s| {
+            s.closing = true;
+            s.conn_lost += 1;
+            s.buf.clear();
+            (s.reg.take(), s.file.take())
+        });
+        drop(reg);
+        self.lp(py).get().unregister_source(py, self.token);
+        if let Some(f) = file {
+            f.bind(py).call_method0(pyo3::intern!(py, "close"))?;
+        }
+        Ok(())
+    }
+
+    fn _reset_empty_waiter(&self, py: Python<'_>) {
+        let old = self.st.with(py, |s| s.empty_waiter.take());
+        drop(old);
+    }
+
+    /// (read polling, write polling) for reprs.
+    fn _polling(&self, py: Python<'_>) -> (bool, bool) {
+        self.st.with(py, |s| {
+            let open = s.reg.is_some() && s.started;
+            (
+                open && !s.paused && !s.closing && self.kind != Kind::WritePipe,
+                open && !s.buf.is_empty(),
+            )
+        })
+    }
+
+    #[getter]
+    fn _fd(&self) -> RawFd {
+        self.fd
+    }
+
+    #[getter]
+    fn _conn_lost(&self, py: Python<'_>) -> u32 {
+        self.st.with(py, |s| s.conn_lost)
+    }
+
+    #[getter]
+    fn _closed(&self, py: Python<'_>) -> bool {
+        self.st.with(py, |s| s.reg.is_none())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.lp)?;
+        if let Some(r) = self.st.try_with(|s| -> Result<(), PyTraverseError> {
+            if let Some(c) = &s.cb {
+                visit.call(&c.protocol)?;
+                visit.call(&c.data_received)?;
+                visit.call(&c.get_buffer)?;
+                visit.call(&c.buffer_updated)?;
+            }
+            visit.call(&s.wrapper)?;
+            visit.call(&s.file)?;
+            visit.call(&s.empty_waiter)?;
+            Ok(())
+        }) {
+            r?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        let old = self
+            .st
+            .try_with(|s| (s.cb.take(), s.wrapper.take(), s.empty_waiter.take()));
+        drop(old);
+    }
+}
