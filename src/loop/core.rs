@@ -24,7 +24,7 @@ use pyo3::PyTraverseError;
 
 use super::cell::GilCell;
 use super::clock;
-use super::handle::{Handle, TimerHandle};
+use super::handle::{self, Args, Handle, HandleRef};
 use super::io::{self, Driver};
 use super::job::Job;
 use super::pyobjs;
@@ -91,7 +91,7 @@ impl State {
 /// Things taken out of the state, released once the state is not borrowed.
 #[derive(Default)]
 struct Garbage {
-    timers: Vec<Py<TimerHandle>>,
+    timers: Vec<HandleRef>,
     watchers: Vec<Watcher>,
     jobs: Vec<Job>,
 }
@@ -110,12 +110,13 @@ impl Garbage {
     #[inline(never)]
     fn release_slow(&mut self, py: Python<'_>) {
         for t in self.timers.drain(..) {
-            let t = t.into_bound(py);
-            Handle::retrack(t.as_super());
+            t.retrack();
+            t.release(py);
         }
         for j in self.jobs.drain(..) {
             if let Job::Handle(h) = j {
-                Handle::retrack(&h.into_bound(py));
+                h.retrack();
+                h.release(py);
             }
         }
         self.watchers.clear();
@@ -271,7 +272,7 @@ impl LoopCore {
     fn new_handle(
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: Args,
         context: Option<&Bound<'_, PyAny>>,
         debug: bool,
     ) -> PyResult<Handle> {
@@ -284,7 +285,7 @@ impl LoopCore {
         };
         Ok(Handle::new(
             callback.clone().unbind(),
-            args.clone().unbind(),
+            args,
             ctx,
             slf.clone().into_any().unbind(),
             tb,
@@ -302,26 +303,97 @@ impl LoopCore {
         self.driver.wake();
     }
 
-    /// Queue a new handle, held by this single queue entry (see Handle::untrack).
+    /// Queue a new handle, held by this single queue entry (see HandleRef::untrack).
     #[inline]
-    fn push_new_handle(&self, h: &Bound<'_, Handle>, threadsafe: bool) {
-        Handle::untrack(h);
-        let job = Job::Handle(h.clone().unbind());
+    fn push_new_handle(&self, py: Python<'_>, h: &HandleRef, threadsafe: bool) {
+        h.untrack();
+        let job = Job::Handle(h.clone_ref(py));
         if threadsafe {
-            self.push_threadsafe(h.py(), job);
+            self.push_threadsafe(py, job);
         } else {
-            self.push_ready(h.py(), job);
+            self.push_ready(py, job);
         }
     }
 
-    fn schedule_at(
+    /// call_soon / call_soon_threadsafe.
+    pub(crate) fn schedule_soon(
+        slf: &Bound<'_, Self>,
+        callback: &Bound<'_, PyAny>,
+        args: Args,
+        context: Option<&Bound<'_, PyAny>>,
+        threadsafe: bool,
+    ) -> PyResult<HandleRef> {
+        let py = slf.py();
+        let this = slf.get();
+        this.check_closed()?;
+        let debug = this.debug();
+        let method = if threadsafe {
+            "call_soon_threadsafe"
+        } else {
+            if debug {
+                this.check_thread()?;
+            }
+            "call_soon"
+        };
+        Self::check_callback(py, callback, method, debug)?;
+        let h = handle::new_handle(
+            py,
+            Self::new_handle(slf, callback, args, context, debug)?,
+            None,
+        )?;
+        this.push_new_handle(py, &h, threadsafe);
+        Ok(h)
+    }
+
+    /// call_later's delay as a deadline.
+    pub(crate) fn deadline_after(delay: &Bound<'_, PyAny>) -> PyResult<f64> {
+        if delay.is_none() {
+            return Err(PyTypeError::new_err("delay must not be None"));
+        }
+        let d: f64 = delay.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "delay must be a real number, got {}",
+                delay
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        if d.is_nan() {
+            return Err(PyValueError::new_err("delay must not be NaN"));
+        }
+        Ok(clock::monotonic() + d)
+    }
+
+    /// call_at's `when`, checked.
+    pub(crate) fn deadline_at(when: &Bound<'_, PyAny>) -> PyResult<f64> {
+        if when.is_none() {
+            return Err(PyTypeError::new_err("when cannot be None"));
+        }
+        let w: f64 = when.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "when must be a real number, got {}",
+                when.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+        if w.is_nan() {
+            return Err(PyValueError::new_err("when must not be NaN"));
+        }
+        Ok(w)
+    }
+
+    pub(crate) fn schedule_at(
         slf: &Bound<'_, Self>,
         when: f64,
         callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
+        args: Args,
         context: Option<&Bound<'_, PyAny>>,
         method: &str,
-    ) -> PyResult<Py<TimerHandle>> {
+    ) -> PyResult<HandleRef> {
         let py = slf.py();
         let this = slf.get();
         this.check_closed()?;
@@ -331,12 +403,11 @@ impl LoopCore {
         }
         Self::check_callback(py, callback, method, debug)?;
         let base = Self::new_handle(slf, callback, args, context, debug)?;
-        let init = PyClassInitializer::from(base).add_subclass(TimerHandle::new(when));
-        let th = Bound::new(py, init)?;
-        Handle::untrack(th.as_super());
-        let entry = th.clone().unbind();
+        let th = handle::new_handle(py, base, Some(when))?;
+        th.untrack();
+        let entry = th.clone_ref(py);
         this.with_state(py, |st| st.timers.push(when, entry));
-        Ok(th.unbind())
+        Ok(th)
     }
 
     /// Install a watcher for `fd`; the one it replaces (if any) is cancelled.
@@ -352,7 +423,7 @@ impl LoopCore {
         };
         let res = self.with_state(py, |st| st.selector.add(epfd, fd, kind, w));
         match res {
-            Ok(Some(Watcher::Py(old))) => Handle::cancel_quiet(old.bind(py)),
+            Ok(Some(Watcher::Py(old))) => old.cancel(py),
             Ok(_) => Ok(()),
             Err((e, failed)) => {
                 drop(failed);
@@ -375,7 +446,7 @@ impl LoopCore {
         let old = self.with_state(py, |st| st.selector.remove(epfd, fd, kind));
         match old {
             Some(Watcher::Py(h)) => {
-                Handle::cancel_quiet(h.bind(py))?;
+                h.cancel(py)?;
                 Ok(true)
             }
             Some(w) => {
@@ -416,9 +487,10 @@ impl LoopCore {
         let fd = fileobj_to_fd(fd)?;
         let debug = this.debug();
         Self::check_callback(py, callback, method, debug)?;
-        let h = Bound::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
-        Handle::ensure_tracked(&h);
-        this.set_watcher(py, fd, kind, Watcher::Py(h.unbind()))
+        let data = Self::new_handle(slf, callback, Args::from_tuple(args), None, debug)?;
+        let h = handle::new_handle(py, data, None)?;
+        h.ensure_tracked();
+        this.set_watcher(py, fd, kind, Watcher::Py(h))
     }
 
     // ---- the run loop ----
@@ -429,11 +501,51 @@ impl LoopCore {
     fn run_once(slf: &Bound<'_, Self>, rs: &mut RunState) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        let garbage = &mut rs.garbage;
         let stopping = this.stopping.load(Ordering::Relaxed);
+        // The common case of a busy loop: callbacks are ready and it is not
+        // time to poll I/O: one pass over the state does the iteration.
+        let fast = {
+            let RunState {
+                batch,
+                garbage,
+                busy_iterations,
+                last_poll_coarse,
+                ..
+            } = &mut *rs;
+            this.with_state(py, |st| {
+                // stop() makes the iteration poll I/O once more, as asyncio.
+                if st.ready.is_empty() || stopping {
+                    return false;
+                }
+                *busy_iterations += 1;
+                if *busy_iterations >= BUSY_POLL_ITERATIONS
+                    || (*busy_iterations % 8 == 0 && clock::coarse_ns() != *last_poll_coarse)
+                {
+                    return false;
+                }
+                if st.timers.len() > 0 {
+                    st.timers
+                        .purge_cancelled(&this.cancelled_timers, &mut garbage.timers);
+                    let end = clock::monotonic() + this.clock_resolution;
+                    st.timers.pop_due(
+                        end,
+                        &this.cancelled_timers,
+                        &mut st.ready,
+                        &mut garbage.timers,
+                    );
+                }
+                std::mem::swap(&mut st.ready, batch);
+                true
+            })
+        };
+        if fast {
+            rs.garbage.release(py);
+            return Self::run_batch(slf, rs);
+        }
+        let garbage = &mut rs.garbage;
         let (busy, next_when, has_fds, has_timers) = this.with_state(py, |st| {
             st.timers
-                .purge_cancelled(py, &this.cancelled_timers, &mut garbage.timers);
+                .purge_cancelled(&this.cancelled_timers, &mut garbage.timers);
             (
                 !st.ready.is_empty() || stopping,
                 st.timers.next_when(),
@@ -443,32 +555,27 @@ impl LoopCore {
         });
         garbage.release(py);
 
-        let skip_poll = busy && {
-            rs.busy_iterations += 1;
-            rs.busy_iterations < BUSY_POLL_ITERATIONS && clock::coarse_ns() == rs.last_poll_coarse
+        // Not busy, or time to look at I/O (the fast path was not taken).
+        let timeout = if busy {
+            Some(Duration::ZERO)
+        } else {
+            next_when.map(|when| {
+                let t = (when - clock::monotonic()).clamp(0.0, MAX_SELECT_TIMEOUT);
+                Duration::from_secs_f64(t)
+            })
         };
-        if !skip_poll {
-            let timeout = if busy {
-                Some(Duration::ZERO)
-            } else {
-                next_when.map(|when| {
-                    let t = (when - clock::monotonic()).clamp(0.0, MAX_SELECT_TIMEOUT);
-                    Duration::from_secs_f64(t)
-                })
-            };
-            if has_fds || !busy {
-                let events = &mut rs.events;
-                py.detach(|| this.driver.wait(timeout, has_fds, events));
-            }
-            rs.busy_iterations = 0;
-            rs.last_poll_coarse = clock::coarse_ns();
-            // A signal that arrived while we slept (Ctrl-C) is raised now,
-            // not at the next bytecode boundary, which may be far away.
-            // SAFETY: called with the GIL held; it only runs Python signal
-            // handlers on the main thread and is a no-op elsewhere.
-            if unsafe { ffi::PyErr_CheckSignals() } < 0 {
-                return Err(PyErr::fetch(py));
-            }
+        if has_fds || !busy || this.driver.has_sources() {
+            let events = &mut rs.events;
+            py.detach(|| this.driver.wait(timeout, has_fds, events));
+        }
+        rs.busy_iterations = 0;
+        rs.last_poll_coarse = clock::coarse_ns();
+        // A signal that arrived while we slept (Ctrl-C) is raised now, not at
+        // the next bytecode boundary, which may be far away.
+        // SAFETY: called with the GIL held; it only runs Python signal
+        // handlers on the main thread and is a no-op elsewhere.
+        if unsafe { ffi::PyErr_CheckSignals() } < 0 {
+            return Err(PyErr::fetch(py));
         }
 
         let garbage = &mut rs.garbage;
@@ -485,9 +592,7 @@ impl LoopCore {
         let batch = &mut rs.batch;
         let events = &rs.events;
         let tokens = &mut rs.tokens;
-        if !skip_poll {
-            this.driver.ready.take(tokens);
-        }
+        this.driver.ready.take(tokens);
         let mut woken: Vec<Job> = Vec::new();
         if !tokens.is_empty() {
             this.sources.with(py, |m| {
@@ -509,13 +614,20 @@ impl LoopCore {
             }
             ready.extend(woken);
             if has_timers {
-                timers.pop_due(py, end, &this.cancelled_timers, ready, &mut garbage.timers);
+                timers.pop_due(end, &this.cancelled_timers, ready, &mut garbage.timers);
             }
             std::mem::swap(ready, batch);
         });
         rs.events.clear();
         garbage.release(py);
+        Self::run_batch(slf, rs)
+    }
 
+    /// Run what the iteration took from the ready queue.
+    #[inline]
+    fn run_batch(slf: &Bound<'_, Self>, rs: &mut RunState) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
         let debug = this.debug();
         let batch = &mut rs.batch;
         while let Some(job) = batch.pop_front() {
@@ -543,13 +655,13 @@ impl LoopCore {
         let py = slf.py();
         match job {
             Job::Handle(h) => {
-                let h = h.into_bound(py);
                 let res = if h.get().is_cancelled() {
                     Ok(())
                 } else {
-                    Handle::run(&h)
+                    h.run(py)
                 };
-                Handle::retrack(&h);
+                h.retrack();
+                h.release(py);
                 res
             }
             Job::Io(fd, kind, op) => super::sock::run_op(slf, fd, kind, op),
@@ -587,21 +699,20 @@ impl LoopCore {
         let Job::Handle(h) = job else {
             return Self::run_job(slf, job);
         };
-        let h = h.into_bound(py);
         if h.get().is_cancelled() {
-            Handle::retrack(&h);
+            h.retrack();
             return Ok(());
         }
-        slf.setattr(pyo3::intern!(py, "_current_handle"), &h)?;
+        slf.setattr(pyo3::intern!(py, "_current_handle"), h.bind(py))?;
         let t0 = clock::monotonic();
-        let res = Handle::run(&h);
+        let res = h.run(py);
         let dt = clock::monotonic() - t0;
-        Handle::retrack(&h);
+        h.retrack();
         slf.setattr(pyo3::intern!(py, "_current_handle"), py.None())?;
         res?;
         let slow = f64::from_bits(slf.get().slow_callback_duration.load(Ordering::Relaxed));
         if dt >= slow {
-            pyobjs::warn_slow_callback(py)?.call1((&h, dt))?;
+            pyobjs::warn_slow_callback(py)?.call1((h.bind(py), dt))?;
         }
         Ok(())
     }
@@ -612,9 +723,16 @@ impl LoopCore {
         args: &[&Bound<'py, PyAny>],
         kwnames: Option<&Bound<'py, PyTuple>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let ptrs: Vec<*mut ffi::PyObject> = args.iter().map(|a| a.as_ptr()).collect();
+        let mut ptrs = [std::ptr::null_mut::<ffi::PyObject>(); 8];
+        assert!(
+            args.len() <= ptrs.len(),
+            "vectorcall with too many arguments"
+        );
+        for (p, a) in ptrs.iter_mut().zip(args) {
+            *p = a.as_ptr();
+        }
         let nkw = kwnames.map_or(0, |k| k.len());
-        let npos = ptrs.len() - nkw;
+        let npos = args.len() - nkw;
         // SAFETY: `ptrs` holds borrowed pointers to objects kept alive by
         // `args` for the whole call; the last `nkw` of them are the keyword
         // values named by `kwnames` (a tuple of str), as vectorcall requires.
@@ -655,12 +773,18 @@ pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
     Ok(fd as RawFd)
 }
 
-fn kwnames<'py>(py: Python<'py>, names: &[&str]) -> Bound<'py, PyTuple> {
-    PyTuple::new(
-        py,
-        names.iter().map(|n| pyo3::types::PyString::intern(py, n)),
-    )
-    .expect("tuple of str")
+/// A tuple of keyword names for vectorcall, built once.
+macro_rules! kwnames {
+    ($py:expr, $($name:literal),+) => {{
+        static NAMES: pyo3::sync::PyOnceLock<Py<PyTuple>> = pyo3::sync::PyOnceLock::new();
+        NAMES
+            .get_or_init($py, || {
+                PyTuple::new($py, [$(pyo3::types::PyString::intern($py, $name)),+])
+                    .expect("a tuple of str")
+                    .unbind()
+            })
+            .bind($py)
+    }};
 }
 
 #[pymethods]
@@ -697,103 +821,6 @@ impl LoopCore {
 
     fn time(&self) -> f64 {
         clock::monotonic()
-    }
-
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon(
-        slf: &Bound<'_, Self>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let py = slf.py();
-        let this = slf.get();
-        this.check_closed()?;
-        let debug = this.debug();
-        if debug {
-            this.check_thread()?;
-        }
-        Self::check_callback(py, callback, "call_soon", debug)?;
-        let h = Bound::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
-        this.push_new_handle(&h, false);
-        Ok(h.unbind())
-    }
-
-    #[pyo3(signature = (callback, *args, context=None))]
-    fn call_soon_threadsafe(
-        slf: &Bound<'_, Self>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Py<Handle>> {
-        let py = slf.py();
-        let this = slf.get();
-        this.check_closed()?;
-        let debug = this.debug();
-        Self::check_callback(py, callback, "call_soon_threadsafe", debug)?;
-        let h = Bound::new(py, Self::new_handle(slf, callback, args, context, debug)?)?;
-        this.push_new_handle(&h, true);
-        Ok(h.unbind())
-    }
-
-    #[pyo3(signature = (delay, callback, *args, context=None))]
-    fn call_later(
-        slf: &Bound<'_, Self>,
-        delay: &Bound<'_, PyAny>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Py<TimerHandle>> {
-        if delay.is_none() {
-            return Err(PyTypeError::new_err("delay must not be None"));
-        }
-        let d: f64 = delay.extract().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "delay must be a real number, got {}",
-                delay
-                    .get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ))
-        })?;
-        if d.is_nan() {
-            return Err(PyValueError::new_err("delay must not be NaN"));
-        }
-        Self::schedule_at(
-            slf,
-            clock::monotonic() + d,
-            callback,
-            args,
-            context,
-            "call_later",
-        )
-    }
-
-    #[pyo3(signature = (when, callback, *args, context=None))]
-    fn call_at(
-        slf: &Bound<'_, Self>,
-        when: &Bound<'_, PyAny>,
-        callback: &Bound<'_, PyAny>,
-        args: &Bound<'_, PyTuple>,
-        context: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Py<TimerHandle>> {
-        if when.is_none() {
-            return Err(PyTypeError::new_err("when cannot be None"));
-        }
-        let w: f64 = when.extract().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "when must be a real number, got {}",
-                when.get_type()
-                    .name()
-                    .map(|n| n.to_string())
-                    .unwrap_or_default()
-            ))
-        })?;
-        if w.is_nan() {
-            return Err(PyValueError::new_err("when must not be NaN"));
-        }
-        Self::schedule_at(slf, w, callback, args, context, "call_at")
     }
 
     fn stop(&self) {
@@ -900,13 +927,8 @@ impl LoopCore {
 
     fn create_future<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        let fut_type = pyobjs::futures_module(py)?.getattr(pyo3::intern!(py, "Future"))?;
-        Self::vectorcall(
-            py,
-            &fut_type,
-            &[slf.as_any()],
-            Some(&kwnames(py, &["loop"])),
-        )
+        let fut_type = pyobjs::future_type(py)?;
+        Self::vectorcall(py, fut_type, &[slf.as_any()], Some(kwnames!(py, "loop")))
     }
 
     #[pyo3(signature = (coro, *, name=None, context=None, **kwargs))]
@@ -950,7 +972,7 @@ impl LoopCore {
             }
             return Ok(task);
         }
-        let task_type = pyobjs::tasks_module(py)?.getattr(pyo3::intern!(py, "Task"))?;
+        let task_type = pyobjs::task_type(py)?;
         let task = if let Some(k) = kwargs {
             let kw = PyDict::new(py);
             kw.set_item("loop", slf)?;
@@ -966,27 +988,27 @@ impl LoopCore {
             match (name, context) {
                 (None, None) => Self::vectorcall(
                     py,
-                    &task_type,
+                    task_type,
                     &[coro, slf.as_any()],
-                    Some(&kwnames(py, &["loop"])),
+                    Some(kwnames!(py, "loop")),
                 )?,
                 (Some(n), None) => Self::vectorcall(
                     py,
-                    &task_type,
+                    task_type,
                     &[coro, slf.as_any(), n],
-                    Some(&kwnames(py, &["loop", "name"])),
+                    Some(kwnames!(py, "loop", "name")),
                 )?,
                 (None, Some(c)) => Self::vectorcall(
                     py,
-                    &task_type,
+                    task_type,
                     &[coro, slf.as_any(), c],
-                    Some(&kwnames(py, &["loop", "context"])),
+                    Some(kwnames!(py, "loop", "context")),
                 )?,
                 (Some(n), Some(c)) => Self::vectorcall(
                     py,
-                    &task_type,
+                    task_type,
                     &[coro, slf.as_any(), n, c],
-                    Some(&kwnames(py, &["loop", "name", "context"])),
+                    Some(kwnames!(py, "loop", "name", "context")),
                 )?,
             }
         };
@@ -1007,19 +1029,20 @@ impl LoopCore {
         slf: &Bound<'_, Self>,
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
-    ) -> PyResult<Py<Handle>> {
+    ) -> PyResult<Py<PyAny>> {
         let py = slf.py();
         let debug = slf.get().debug();
         Self::check_callback(py, callback, "Handle", debug)?;
-        let h = Bound::new(py, Self::new_handle(slf, callback, args, None, debug)?)?;
-        Handle::ensure_tracked(&h);
-        Ok(h.unbind())
+        let data = Self::new_handle(slf, callback, Args::from_tuple(args), None, debug)?;
+        let h = handle::new_handle(py, data, None)?;
+        h.ensure_tracked();
+        Ok(h.as_py().clone_ref(py))
     }
 
     /// Queue an existing handle (signal handlers reuse theirs) and wake the loop.
-    fn _call_handle_threadsafe(&self, py: Python<'_>, handle: &Bound<'_, Handle>) -> PyResult<()> {
+    fn _call_handle_threadsafe(&self, py: Python<'_>, handle: &Bound<'_, PyAny>) -> PyResult<()> {
         self.check_closed()?;
-        self.push_threadsafe(py, Job::Handle(handle.clone().unbind()));
+        self.push_threadsafe(py, Job::Handle(HandleRef::from_object(handle)?));
         Ok(())
     }
 

@@ -218,6 +218,11 @@ impl Driver {
         g.as_ref().map(|_| self.epfd)
     }
 
+    /// Whether any fd is registered with the reactor (transports).
+    pub(crate) fn has_sources(&self) -> bool {
+        self.sources.load(Ordering::Relaxed) > 0
+    }
+
     pub(crate) fn wake(&self) {
         self.notify.notify_one();
     }

@@ -7,7 +7,7 @@ use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::PyTraverseError;
 
-use super::handle::Handle;
+use super::handle::HandleRef;
 use super::sock::SockOp;
 use crate::transports::Source;
 
@@ -15,7 +15,7 @@ pub(crate) type NativeFn = Box<dyn FnOnce(Python<'_>) -> PyResult<()> + Send>;
 
 pub(crate) enum Job {
     /// A Python callback scheduled with call_soon & co., or a reader/writer.
-    Handle(Py<Handle>),
+    Handle(HandleRef),
     /// A native socket operation whose fd became ready: retry it.
     Io(RawFd, u32, Arc<dyn SockOp>),
     /// Native work handed over from another thread (DNS results, ...).
@@ -27,7 +27,7 @@ pub(crate) enum Job {
 impl Job {
     pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         match self {
-            Job::Handle(h) => Handle::visit_queued(h, visit),
+            Job::Handle(h) => h.visit_queued(visit),
             Job::Io(_, _, op) => op.visit(visit),
             Job::Call(_) => Ok(()),
             Job::Source(s, _) => s.visit(visit),

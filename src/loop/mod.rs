@@ -5,6 +5,7 @@ pub(crate) mod cell;
 mod clock;
 pub(crate) mod core;
 mod dns;
+mod fastcall;
 pub(crate) mod handle;
 pub(crate) mod io;
 pub(crate) mod job;
@@ -17,7 +18,7 @@ use pyo3::prelude::*;
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<core::LoopCore>()?;
-    m.add_class::<handle::Handle>()?;
-    m.add_class::<handle::TimerHandle>()?;
+    handle::register(m)?;
+    fastcall::install(m.py())?;
     Ok(())
 }

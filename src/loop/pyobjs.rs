@@ -27,10 +27,9 @@ macro_rules! cached_module {
     };
 }
 
-// Looked up in the module on every use (not cached), as asyncio does, so
-// that code patching asyncio.futures.Future / asyncio.tasks.Task is honoured.
-cached_module!(futures_module, "asyncio.futures");
-cached_module!(tasks_module, "asyncio.tasks");
+// The C Future and Task (as uvloop, they are looked up once).
+cached_attr!(future_type, "asyncio.futures", "Future");
+cached_attr!(task_type, "asyncio.tasks", "Task");
 cached_attr!(iscoroutinefunction, "asyncio", "iscoroutinefunction");
 cached_attr!(extract_stack, "asyncio.format_helpers", "extract_stack");
 cached_attr!(getframe, "sys", "_getframe");

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
-use super::handle::Handle;
+use super::handle::HandleRef;
 use super::job::{Extend1, Job};
 
 pub(crate) const READ: u32 = libc::EPOLLIN as u32;
@@ -24,7 +24,7 @@ pub(crate) const WRITE: u32 = libc::EPOLLOUT as u32;
 /// What a readiness event runs.
 pub(crate) enum Watcher {
     /// A user callback (add_reader/add_writer).
-    Py(Py<Handle>),
+    Py(HandleRef),
     /// An internal operation (sock_recv and friends), retried on readiness.
     Native(Arc<dyn super::sock::SockOp>),
 }
@@ -32,7 +32,7 @@ pub(crate) enum Watcher {
 impl Watcher {
     fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         match self {
-            Watcher::Py(h) => visit.call(h),
+            Watcher::Py(h) => visit.call(h.as_py()),
             Watcher::Native(op) => op.visit(visit),
         }
     }

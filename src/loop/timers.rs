@@ -7,11 +7,9 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicUsize, Ordering as AtOrd};
 
-use pyo3::prelude::*;
-
 use std::collections::VecDeque;
 
-use super::handle::{Handle, TimerHandle};
+use super::handle::HandleRef;
 use super::job::Job;
 
 const MIN_SCHEDULED_TIMER_HANDLES: usize = 100;
@@ -19,12 +17,18 @@ const MIN_SCHEDULED_TIMER_HANDLES: usize = 100;
 pub(crate) struct TimerEntry {
     when: f64,
     seq: u64,
-    handle: Py<TimerHandle>,
+    handle: HandleRef,
 }
 
 impl TimerEntry {
-    fn cancelled(&self, py: Python<'_>) -> bool {
-        self.handle.bind(py).as_super().get().is_cancelled()
+    fn cancelled(&self) -> bool {
+        self.handle.get().is_cancelled()
+    }
+
+    fn unschedule(&self) {
+        if let Some((_, scheduled)) = self.handle.timer() {
+            scheduled.store(false, AtOrd::Relaxed);
+        }
     }
 }
 
@@ -57,7 +61,7 @@ pub(crate) struct Timers {
 }
 
 impl Timers {
-    pub(crate) fn push(&mut self, when: f64, handle: Py<TimerHandle>) {
+    pub(crate) fn push(&mut self, when: f64, handle: HandleRef) {
         self.seq += 1;
         self.heap.push(TimerEntry {
             when,
@@ -79,9 +83,8 @@ impl Timers {
     /// to be released once the caller has dropped its locks.
     pub(crate) fn purge_cancelled(
         &mut self,
-        py: Python<'_>,
         cancelled: &AtomicUsize,
-        garbage: &mut Vec<Py<TimerHandle>>,
+        garbage: &mut Vec<HandleRef>,
     ) {
         let n = self.heap.len();
         let c = cancelled.load(AtOrd::Relaxed);
@@ -89,8 +92,8 @@ impl Timers {
             let old = std::mem::take(&mut self.heap).into_vec();
             let mut keep = Vec::with_capacity(n - c.min(n));
             for e in old {
-                if e.cancelled(py) {
-                    e.handle.get().scheduled.store(false, AtOrd::Relaxed);
+                if e.cancelled() {
+                    e.unschedule();
                     garbage.push(e.handle);
                 } else {
                     keep.push(e);
@@ -99,9 +102,9 @@ impl Timers {
             self.heap = BinaryHeap::from(keep);
             cancelled.store(0, AtOrd::Relaxed);
         } else {
-            while self.heap.peek().is_some_and(|e| e.cancelled(py)) {
+            while self.heap.peek().is_some_and(|e| e.cancelled()) {
                 let e = self.heap.pop().expect("peeked");
-                e.handle.get().scheduled.store(false, AtOrd::Relaxed);
+                e.unschedule();
                 decrement(cancelled);
                 garbage.push(e.handle);
             }
@@ -111,39 +114,34 @@ impl Timers {
     /// Move every timer due before `end` into `out` (cancelled ones are dropped).
     pub(crate) fn pop_due(
         &mut self,
-        py: Python<'_>,
         end: f64,
         cancelled: &AtomicUsize,
         out: &mut VecDeque<Job>,
-        garbage: &mut Vec<Py<TimerHandle>>,
+        garbage: &mut Vec<HandleRef>,
     ) {
         while self.heap.peek().is_some_and(|e| e.when < end) {
             let e = self.heap.pop().expect("peeked");
-            e.handle.get().scheduled.store(false, AtOrd::Relaxed);
-            if e.cancelled(py) {
+            e.unschedule();
+            if e.cancelled() {
                 decrement(cancelled);
                 garbage.push(e.handle);
             } else {
-                out.push_back(Job::Handle(e.handle.into_bound(py).into_super().unbind()));
+                out.push_back(Job::Handle(e.handle));
             }
         }
     }
 
     /// Empty the heap (loop closing).
-    pub(crate) fn drain(&mut self, garbage: &mut Vec<Py<TimerHandle>>) {
+    pub(crate) fn drain(&mut self, garbage: &mut Vec<HandleRef>) {
         for e in std::mem::take(&mut self.heap).into_vec() {
-            e.handle.get().scheduled.store(false, AtOrd::Relaxed);
+            e.unschedule();
             garbage.push(e.handle);
         }
     }
 
     pub(crate) fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         for e in self.heap.iter() {
-            // SAFETY: Py<TimerHandle> and Py<Handle> point to the same object;
-            // TimerHandle extends Handle, so the pointer is a valid Handle.
-            let base: &Py<Handle> =
-                unsafe { &*(&e.handle as *const Py<TimerHandle>).cast::<Py<Handle>>() };
-            Handle::visit_queued(base, visit)?;
+            e.handle.visit_queued(visit)?;
         }
         Ok(())
     }
