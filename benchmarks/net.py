@@ -334,7 +334,7 @@ def run_client(
     result["server_util"] = result["server_cpu_s"] / seconds
     # Share of the window the load generator was not waiting for answers
     # (near 100%: the client, not the server, set the pace).
-    result["client_util"] = (result["client_cpu_s"] - result["client_idle_s"]) / seconds
+    result["client_util"] = 1 - result["client_idle_s"] / seconds
     busy = result.get("machine_busy_s")
     result["other_load"] = (
         None if busy is None else (busy - result["server_cpu_s"] - result["client_cpu_s"]) / seconds
