@@ -568,6 +568,8 @@ def run(settings: Settings, infos: dict[str, LoopInfo]) -> tuple[str, dict[str, 
         for server in columns:
             rs, note_key, why = results_for(case, server)
             if rs:
+                if why:  # measured in some rounds, failed in a later one
+                    na_notes[f"{note_key} (one round failed, cell from {len(rs)})"] = why
                 values = [r["cpu_us_per_req"] for r in rs]
                 cpu[server] = median(values)
                 srow.append(f"{fmt_us(cpu[server])} {fmt_spread(spread(values))}".strip())
