@@ -22,7 +22,12 @@ from asyncio import base_events, selector_events, sslproto, unix_events
 from typing import Any
 
 from ._tokioloop import LoopCore
-from ._transports import ReadPipeTransport, SocketTransport, WritePipeTransport
+from ._transports import (
+    DatagramTransport,
+    ReadPipeTransport,
+    SocketTransport,
+    WritePipeTransport,
+)
 
 logger = logging.getLogger("asyncio")
 
@@ -177,14 +182,7 @@ class NetworkMixin:
         extra: dict[str, Any] | None = None,
     ) -> asyncio.DatagramTransport:
         self._ensure_fd_no_transport(sock)
-        return selector_events._SelectorDatagramTransport(
-            self,  # type: ignore[arg-type]
-            sock,
-            protocol,  # type: ignore[arg-type]
-            address,
-            waiter,
-            extra,
-        )
+        return DatagramTransport(self, sock, protocol, address, waiter, extra)  # type: ignore[arg-type]
 
     def _make_read_pipe_transport(
         self,

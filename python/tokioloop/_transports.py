@@ -16,10 +16,10 @@ import os
 import socket
 import stat
 import warnings
-from asyncio import constants, trsock
+from asyncio import constants, selector_events, trsock
 from typing import Any
 
-from ._tokioloop import StreamTransportCore
+from ._tokioloop import DatagramCore, StreamTransportCore
 
 logger = logging.getLogger("asyncio")
 
@@ -301,3 +301,49 @@ def _set_nodelay(sock: socket.socket) -> None:
 def _set_result_unless_cancelled(fut: asyncio.Future[Any], result: Any) -> None:
     if not fut.cancelled():
         fut.set_result(result)
+
+
+class DatagramTransport(selector_events._SelectorDatagramTransport):
+    """UDP and Unix datagram sockets: asyncio's own datagram transport for
+    this Python version, with receiving and unbuffered sends done natively."""
+
+    def __init__(
+        self,
+        loop: Any,
+        sock: socket.socket,
+        protocol: asyncio.DatagramProtocol,
+        address: Any = None,
+        waiter: asyncio.Future[Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            connected = sock.getpeername() is not None
+        except OSError:
+            connected = False
+        self._native = DatagramCore(loop, sock, self, protocol, connected)
+        super().__init__(loop, sock, protocol, address, waiter, extra)
+
+    def set_protocol(self, protocol: Any) -> None:
+        super().set_protocol(protocol)
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.set_protocol(protocol)
+
+    def _add_reader(self, fd: int, callback: Any, *args: Any) -> None:
+        if not self.is_reading():
+            return
+        if callback == self._read_ready and not args:
+            self._native.start()
+        else:
+            self._loop._add_reader(fd, callback, *args)
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if not self._buffer and not self._conn_lost:
+            if self._address:
+                if addr not in (None, self._address):
+                    raise ValueError(f"Invalid address: must be None or {self._address}")
+                if self._native.try_sendto(data, None):
+                    return
+            elif self._native.try_sendto(data, addr):
+                return
+        super().sendto(data, addr)

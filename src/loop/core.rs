@@ -457,6 +457,17 @@ impl LoopCore {
         }
     }
 
+    /// Watch `fd` for reading with a native reader (replacing any reader).
+    pub(crate) fn add_native_reader(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        reader: std::sync::Arc<dyn super::selector::NativeReader>,
+    ) -> PyResult<()> {
+        self.check_closed()?;
+        self.set_watcher(py, fd, READ, Watcher::Reader(reader))
+    }
+
     /// Remove the native operation `id` from `fd` if it is still the one
     /// registered there.
     pub(crate) fn remove_op(&self, py: Python<'_>, fd: RawFd, kind: u32, id: u64) {
@@ -667,6 +678,7 @@ impl LoopCore {
             Job::Io(fd, kind, op) => super::sock::run_op(slf, fd, kind, op),
             Job::Call(f) => Self::report_native(slf, f(py)),
             Job::Source(src, kind) => Self::report_native(slf, src.on_ready(py, kind)),
+            Job::Reader(r) => Self::report_native(slf, r.on_ready(py)),
         }
     }
 

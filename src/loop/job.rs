@@ -8,6 +8,7 @@ use pyo3::prelude::*;
 use pyo3::PyTraverseError;
 
 use super::handle::HandleRef;
+use super::selector::NativeReader;
 use super::sock::SockOp;
 use crate::transports::Source;
 
@@ -22,6 +23,8 @@ pub(crate) enum Job {
     Call(NativeFn),
     /// A transport's fd is ready (kind: READ or WRITE).
     Source(Source, u8),
+    /// A native reader's fd is readable.
+    Reader(Arc<dyn NativeReader>),
 }
 
 impl Job {
@@ -31,6 +34,7 @@ impl Job {
             Job::Io(_, _, op) => op.visit(visit),
             Job::Call(_) => Ok(()),
             Job::Source(s, _) => s.visit(visit),
+            Job::Reader(r) => r.visit(visit),
         }
     }
 }

@@ -10,7 +10,7 @@ pub(crate) mod handle;
 pub(crate) mod io;
 pub(crate) mod job;
 mod pyobjs;
-mod selector;
+pub(crate) mod selector;
 pub(crate) mod sock;
 mod timers;
 

@@ -21,8 +21,17 @@ use super::job::{Extend1, Job};
 pub(crate) const READ: u32 = libc::EPOLLIN as u32;
 pub(crate) const WRITE: u32 = libc::EPOLLOUT as u32;
 
+/// A native callback run on every readiness event of its fd (level
+/// triggered), like a reader Handle but without a Python call to get there.
+pub(crate) trait NativeReader: Send + Sync {
+    fn on_ready(&self, py: Python<'_>) -> PyResult<()>;
+    fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError>;
+}
+
 /// What a readiness event runs.
 pub(crate) enum Watcher {
+    /// A native reader (datagram transports).
+    Reader(Arc<dyn NativeReader>),
     /// A user callback (add_reader/add_writer).
     Py(HandleRef),
     /// An internal operation (sock_recv and friends), retried on readiness.
@@ -34,6 +43,7 @@ impl Watcher {
         match self {
             Watcher::Py(h) => visit.call(h.as_py()),
             Watcher::Native(op) => op.visit(visit),
+            Watcher::Reader(r) => r.visit(visit),
         }
     }
 }
@@ -208,6 +218,10 @@ impl Selector {
                     // Native operations stay registered until they finish.
                     Some(Watcher::Native(op)) => {
                         ready.push1(Job::Io(fd, kind, op.clone()));
+                        false
+                    }
+                    Some(Watcher::Reader(r)) => {
+                        ready.push1(Job::Reader(r.clone()));
                         false
                     }
                     None => false,

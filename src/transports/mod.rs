@@ -7,6 +7,7 @@ use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::PyTraverseError;
 
+pub(crate) mod datagram;
 pub(crate) mod stream;
 
 /// Readiness kinds reported by the reactor.
@@ -40,5 +41,6 @@ impl Source {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::StreamCore>()?;
+    m.add_class::<datagram::DatagramCore>()?;
     Ok(())
 }
