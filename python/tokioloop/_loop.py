@@ -214,32 +214,45 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
     # ---- low-level socket operations -------------------------------------
 
     def _check_sock(self, sock: Any) -> None:
-        if _ssl is not None and isinstance(sock, _ssl.SSLSocket):
+        if type(sock) is not socket.socket and _ssl is not None and isinstance(sock, _ssl.SSLSocket):
             raise TypeError("Socket cannot be of type SSLSocket")
         if self._debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
-        if self._transports:
+        if self._transports.data:  # the WeakValueDictionary's dict: cheap to test
             self._ensure_fd_no_transport(sock)
+
+    async def _sock_wait(self, sock: Any, fut: asyncio.Future[Any]) -> Any:
+        try:
+            return await fut
+        except BaseException:
+            # Cancelled (a timeout) or interrupted: stop the native operation
+            # that would have resolved the future.
+            self._sock_abandon(sock, fut)
+            raise
 
     async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
         self._check_sock(sock)
         r = self._sock_recv(sock, n)
         if isinstance(r, _Future):
-            return await r
+            try:
+                return await r
+            except BaseException:
+                self._sock_abandon(sock, r)
+                raise
         return r
 
     async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
         self._check_sock(sock)
         r = self._sock_recv_into(sock, buf)
         if isinstance(r, _Future):
-            return await r
+            return await self._sock_wait(sock, r)
         return r
 
     async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, Any]:
         self._check_sock(sock)
         r = self._sock_recvfrom(sock, bufsize)
         if isinstance(r, _Future):
-            return await r
+            return await self._sock_wait(sock, r)
         return r
 
     async def sock_recvfrom_into(
@@ -250,7 +263,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             nbytes = len(buf)
         r = self._sock_recvfrom_into(sock, buf, nbytes)
         if isinstance(r, _Future):
-            return await r
+            return await self._sock_wait(sock, r)
         return r
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
@@ -259,6 +272,9 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         if r is not None:
             try:
                 await r
+            except BaseException:
+                self._sock_abandon(sock, r)
+                raise
             finally:
                 r = None
 
@@ -266,7 +282,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         self._check_sock(sock)
         r = self._sock_sendto(sock, data, address)
         if isinstance(r, _Future):
-            return await r
+            return await self._sock_wait(sock, r)
         return r
 
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
@@ -279,7 +295,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         r = self._sock_connect(sock, address)
         if r is not None:
             try:
-                await r
+                await self._sock_wait(sock, r)
             finally:
                 r = None
 
@@ -287,7 +303,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         self._check_sock(sock)
         r = self._sock_accept(sock)
         if isinstance(r, _Future):
-            return await r
+            return await self._sock_wait(sock, r)
         return r
 
     _ensure_resolved = _B._ensure_resolved

@@ -27,6 +27,7 @@ use super::clock;
 use super::handle::{self, Args, Handle, HandleRef};
 use super::io::{self, Driver};
 use super::job::Job;
+use super::oserror;
 use super::pyobjs;
 use super::selector::{Selector, Watcher, READ, WRITE};
 use super::timers::Timers;
@@ -83,7 +84,8 @@ impl State {
         garbage.jobs.extend(self.ready.drain(..));
         self.timers.drain(&mut garbage.timers);
         if let Some(epfd) = epfd {
-            self.selector.drain(epfd, &mut garbage.watchers);
+            self.selector
+                .drain(epfd, &mut garbage.watchers, &mut garbage.objects);
         }
     }
 }
@@ -94,6 +96,7 @@ struct Garbage {
     timers: Vec<HandleRef>,
     watchers: Vec<Watcher>,
     jobs: Vec<Job>,
+    objects: Vec<Py<PyAny>>,
 }
 
 impl Garbage {
@@ -101,7 +104,11 @@ impl Garbage {
     /// keep their capacity: a Garbage lives in the RunState and is reused.
     #[inline]
     fn release(&mut self, py: Python<'_>) {
-        if self.timers.is_empty() && self.jobs.is_empty() && self.watchers.is_empty() {
+        if self.timers.is_empty()
+            && self.jobs.is_empty()
+            && self.watchers.is_empty()
+            && self.objects.is_empty()
+        {
             return;
         }
         self.release_slow(py);
@@ -120,6 +127,7 @@ impl Garbage {
             }
         }
         self.watchers.clear();
+        self.objects.clear();
     }
 }
 
@@ -411,30 +419,37 @@ impl LoopCore {
     }
 
     /// Install a watcher for `fd`; the one it replaces (if any) is cancelled.
+    /// `owner`: the socket object of a native operation.
     pub(crate) fn set_watcher(
         &self,
         py: Python<'_>,
         fd: RawFd,
         kind: u32,
         w: Watcher,
+        owner: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let Some(epfd) = self.driver.epfd() else {
             return Err(PyRuntimeError::new_err("Event loop is closed"));
         };
-        let res = self.with_state(py, |st| st.selector.add(epfd, fd, kind, w));
+        let res = self.with_state(py, |st| st.selector.add(epfd, fd, kind, w, owner));
         match res {
-            Ok(Some(Watcher::Py(old))) => old.cancel(py),
-            Ok(_) => Ok(()),
+            Ok((old, old_owner)) => {
+                drop(old_owner);
+                match old {
+                    Some(Watcher::Py(old)) => old.cancel(py),
+                    other => {
+                        drop(other);
+                        Ok(())
+                    }
+                }
+            }
             Err((e, failed)) => {
                 drop(failed);
-                if e.raw_os_error() == Some(libc::EPERM) {
-                    // What asyncio's epoll selector reports for regular files.
-                    return Err(PyErr::from(e));
-                }
-                Err(PyOSError::new_err((
-                    e.raw_os_error().unwrap_or(0),
-                    format!("cannot watch file descriptor {fd}: {e}"),
-                )))
+                // EPERM is what asyncio's epoll selector reports for regular files.
+                Err(oserror::from_errno(
+                    py,
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                ))
             }
         }
     }
@@ -445,12 +460,13 @@ impl LoopCore {
         };
         let old = self.with_state(py, |st| st.selector.remove(epfd, fd, kind));
         match old {
-            Some(Watcher::Py(h)) => {
+            Some((Some(Watcher::Py(h)), owner)) => {
+                drop(owner);
                 h.cancel(py)?;
                 Ok(true)
             }
-            Some(w) => {
-                drop(w);
+            Some(leftovers) => {
+                drop(leftovers);
                 Ok(true)
             }
             None => Ok(false),
@@ -465,22 +481,27 @@ impl LoopCore {
         reader: std::sync::Arc<dyn super::selector::NativeReader>,
     ) -> PyResult<()> {
         self.check_closed()?;
-        self.set_watcher(py, fd, READ, Watcher::Reader(reader))
+        self.set_watcher(py, fd, READ, Watcher::Reader(reader), None)
     }
 
-    /// Remove the native operation `id` from `fd` if it is still the one
-    /// registered there.
+    /// The id of the native operation on `fd` that resolves `fut`.
+    pub(crate) fn op_for_future(
+        &self,
+        py: Python<'_>,
+        fd: RawFd,
+        kind: u32,
+        fut: &Bound<'_, PyAny>,
+    ) -> Option<u64> {
+        self.with_state(py, |st| st.selector.op_for_future(fd, kind, fut.as_ptr()))
+    }
+
+    /// The native operation `id` on `fd` finished (or was cancelled): take
+    /// it out if it is still the one registered there.
     pub(crate) fn remove_op(&self, py: Python<'_>, fd: RawFd, kind: u32, id: u64) {
         let Some(epfd) = self.driver.epfd() else {
             return;
         };
-        let old = self.with_state(py, |st| {
-            if st.selector.op_id(fd, kind) == Some(id) {
-                st.selector.remove(epfd, fd, kind)
-            } else {
-                None
-            }
-        });
+        let old = self.with_state(py, |st| st.selector.finish_op(epfd, fd, kind, id));
         drop(old);
     }
 
@@ -501,7 +522,7 @@ impl LoopCore {
         let data = Self::new_handle(slf, callback, Args::from_tuple(args), None, debug)?;
         let h = handle::new_handle(py, data, None)?;
         h.ensure_tracked();
-        this.set_watcher(py, fd, kind, Watcher::Py(h))
+        this.set_watcher(py, fd, kind, Watcher::Py(h), None)
     }
 
     // ---- the run loop ----

@@ -52,18 +52,68 @@ impl Watcher {
 pub(crate) struct Entry {
     pub(crate) reader: Option<Watcher>,
     pub(crate) writer: Option<Watcher>,
+    /// Directions a native socket operation registered edge-triggered and
+    /// left registered when it finished, so that the next operation on the
+    /// same socket needs no epoll_ctl (sock_recv/sock_sendall on a
+    /// connection pay no register/unregister syscalls per call).
+    sticky: u32,
+    /// The socket those operations were for: the registration is only
+    /// reused for the same (still open) socket object, never for another
+    /// socket that got the same fd number after a close.
+    owner: Option<Py<PyAny>>,
+    /// What epoll has for this fd now (0: not registered).
+    registered: u32,
 }
 
+const ET: u32 = libc::EPOLLET as u32;
+
 impl Entry {
-    fn mask(&self) -> u32 {
-        (if self.reader.is_some() { READ } else { 0 })
-            | (if self.writer.is_some() { WRITE } else { 0 })
+    fn slot(&mut self, kind: u32) -> &mut Option<Watcher> {
+        if kind == READ {
+            &mut self.reader
+        } else {
+            &mut self.writer
+        }
+    }
+
+    fn is_active(&self) -> bool {
+        self.reader.is_some() || self.writer.is_some()
+    }
+
+    /// The epoll mask this entry needs: level-triggered (asyncio's
+    /// semantics) as soon as any Python callback or native reader is
+    /// there; edge-triggered when only native socket operations are, with
+    /// their finished directions kept.
+    fn desired(&self) -> u32 {
+        let level =
+            |w: &Option<Watcher>| matches!(w, Some(Watcher::Py(_)) | Some(Watcher::Reader(_)));
+        let r = self.reader.is_some();
+        let w = self.writer.is_some();
+        if level(&self.reader) || level(&self.writer) {
+            return (if r { READ } else { 0 }) | (if w { WRITE } else { 0 });
+        }
+        let m = (if r || self.sticky & READ != 0 {
+            READ
+        } else {
+            0
+        }) | (if w || self.sticky & WRITE != 0 {
+            WRITE
+        } else {
+            0
+        });
+        if m == 0 {
+            0
+        } else {
+            m | ET
+        }
     }
 }
 
 #[derive(Default)]
 pub(crate) struct Selector {
     entries: HashMap<RawFd, Entry>,
+    /// Entries with at least one watcher.
+    active: usize,
 }
 
 fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, mask: u32) -> io::Result<()> {
@@ -81,7 +131,7 @@ fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, mask: u32) -> io::Result<()> {
     }
 }
 
-/// Register, modify or unregister `fd` so that epoll watches exactly `mask`.
+/// Register, modify or unregister `fd` so that epoll watches exactly `new`.
 /// Copes with fds that were closed (and maybe reused) behind our back, as
 /// the kernel drops closed fds from epoll silently.
 fn apply(epfd: RawFd, fd: RawFd, old: u32, new: u32) -> io::Result<()> {
@@ -109,63 +159,142 @@ fn apply(epfd: RawFd, fd: RawFd, old: u32, new: u32) -> io::Result<()> {
     }
 }
 
+/// Old watchers and socket references that leave the selector; the caller
+/// drops them once the loop state is not borrowed.
+pub(crate) type Leftovers = (Option<Watcher>, Option<Py<PyAny>>);
+
 impl Selector {
+    /// Whether any fd has a watcher (then the private epoll must be polled).
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.active == 0
+    }
+
+    fn recount(&mut self, was_active: bool, now_active: bool) {
+        match (was_active, now_active) {
+            (false, true) => self.active += 1,
+            (true, false) => self.active -= 1,
+            _ => {}
+        }
+    }
+
+    /// Bring epoll in line with the entry (`force`: even if the mask looks
+    /// the same, as the registration may belong to a closed file).
+    fn sync(epfd: RawFd, fd: RawFd, e: &mut Entry, force: bool) -> io::Result<()> {
+        let want = e.desired();
+        if want == e.registered && !force {
+            return Ok(());
+        }
+        let old = if force && e.registered == want {
+            want
+        } else {
+            e.registered
+        };
+        let r = apply(epfd, fd, old, want);
+        e.registered = if r.is_ok() { want } else { 0 };
+        if want == 0 {
+            e.registered = 0;
+        }
+        r
     }
 
     /// Install `w` as the reader (`kind == READ`) or writer of `fd`; the
     /// watcher it replaces is returned for the caller to cancel and drop
-    /// outside any lock.
+    /// outside any lock. `owner`: the socket a native operation is for.
     pub(crate) fn add(
         &mut self,
         epfd: RawFd,
         fd: RawFd,
         kind: u32,
         w: Watcher,
-    ) -> Result<Option<Watcher>, (io::Error, Watcher)> {
+        owner: Option<&Bound<'_, PyAny>>,
+    ) -> Result<Leftovers, (io::Error, Watcher)> {
         let entry = self.entries.entry(fd).or_default();
-        let old_mask = entry.mask();
-        let slot = if kind == READ {
-            &mut entry.reader
-        } else {
-            &mut entry.writer
+        let was_active = entry.is_active();
+        let mut old_owner = None;
+        let force = match owner {
+            // A native operation: reuse the registration only for the very
+            // socket object it was made for.
+            Some(o) => {
+                let same = entry
+                    .owner
+                    .as_ref()
+                    .is_some_and(|p| p.as_ptr() == o.as_ptr());
+                if !same {
+                    old_owner = entry.owner.replace(o.clone().unbind());
+                    entry.sticky = 0;
+                }
+                !same
+            }
+            None => {
+                // Python callbacks are level-triggered: drop stickiness.
+                if entry.sticky != 0 || entry.owner.is_some() {
+                    entry.sticky = 0;
+                    old_owner = entry.owner.take();
+                }
+                false
+            }
         };
-        let prev = slot.replace(w);
-        let new_mask = entry.mask();
-        if let Err(e) = apply(epfd, fd, old_mask, new_mask) {
+        let prev = entry.slot(kind).replace(w);
+        if let Err(e) = Self::sync(epfd, fd, entry, force || was_active != entry.is_active()) {
             // Undo: put back what was there and hand the new watcher back to
             // the caller, who drops it once no lock is held.
-            let entry = self.entries.get_mut(&fd).expect("just inserted");
-            let slot = if kind == READ {
-                &mut entry.reader
-            } else {
-                &mut entry.writer
-            };
-            let failed = std::mem::replace(slot, prev).expect("just set");
-            if entry.mask() == 0 {
+            let failed = std::mem::replace(entry.slot(kind), prev).expect("just set");
+            let _ = Self::sync(epfd, fd, entry, false);
+            if !entry.is_active() && entry.sticky == 0 {
                 self.entries.remove(&fd);
             }
+            drop(old_owner);
             return Err((e, failed));
         }
-        Ok(prev)
+        let now_active = entry.is_active();
+        self.recount(was_active, now_active);
+        Ok((prev, old_owner))
     }
 
-    /// Remove the reader or writer of `fd`, returning it.
-    pub(crate) fn remove(&mut self, epfd: RawFd, fd: RawFd, kind: u32) -> Option<Watcher> {
+    /// Remove the reader or writer of `fd` (asyncio's remove_reader &
+    /// co.), returning it; the fd is unregistered when nothing is left.
+    pub(crate) fn remove(&mut self, epfd: RawFd, fd: RawFd, kind: u32) -> Option<Leftovers> {
         let entry = self.entries.get_mut(&fd)?;
-        let old_mask = entry.mask();
-        let prev = if kind == READ {
-            entry.reader.take()
-        } else {
-            entry.writer.take()
-        };
+        let was_active = entry.is_active();
+        let prev = entry.slot(kind).take();
+        entry.sticky &= !kind;
         prev.as_ref()?;
-        let new_mask = entry.mask();
-        if new_mask == 0 {
+        let _ = Self::sync(epfd, fd, entry, false);
+        let now_active = entry.is_active();
+        let owner = if !now_active && entry.sticky == 0 {
+            self.entries.remove(&fd).and_then(|e| e.owner)
+        } else {
+            None
+        };
+        self.recount(was_active, now_active);
+        Some((prev, owner))
+    }
+
+    /// A native operation finished: take it out but keep the fd registered
+    /// (edge-triggered) for the next operation on the same socket.
+    pub(crate) fn finish_op(
+        &mut self,
+        epfd: RawFd,
+        fd: RawFd,
+        kind: u32,
+        id: u64,
+    ) -> Option<Watcher> {
+        let entry = self.entries.get_mut(&fd)?;
+        match entry.slot(kind) {
+            Some(Watcher::Native(op)) if op.id() == id => {}
+            _ => return None,
+        }
+        let was_active = entry.is_active();
+        let prev = entry.slot(kind).take();
+        if entry.owner.is_some() {
+            entry.sticky |= kind;
+        }
+        let _ = Self::sync(epfd, fd, entry, false);
+        let now_active = entry.is_active();
+        if !now_active && entry.sticky == 0 {
             self.entries.remove(&fd);
         }
-        let _ = apply(epfd, fd, old_mask, new_mask);
+        self.recount(was_active, now_active);
         prev
     }
 
@@ -181,7 +310,8 @@ impl Selector {
 
     /// Turn raw epoll events into ready-queue work. Everything stays
     /// registered (level-triggered, as asyncio) except cancelled handles;
-    /// native operations unregister themselves when they finish.
+    /// native operations unregister themselves when they finish. Events of
+    /// directions nobody waits on (sticky registrations) are ignored.
     pub(crate) fn dispatch(
         &mut self,
         py: Python<'_>,
@@ -195,21 +325,16 @@ impl Selector {
             let bits = ev.events;
             // As selectors.EpollSelector: anything but EPOLLOUT (HUP, ERR)
             // wakes the reader, anything but EPOLLIN wakes the writer.
-            let readable = bits & !WRITE != 0;
-            let writable = bits & !READ != 0;
+            let readable = bits & !(WRITE | ET) != 0;
+            let writable = bits & !(READ | ET) != 0;
             for (kind, hit) in [(READ, readable), (WRITE, writable)] {
                 if !hit {
                     continue;
                 }
-                let Some(entry) = self.entries.get(&fd) else {
+                let Some(entry) = self.entries.get_mut(&fd) else {
                     continue;
                 };
-                let slot = if kind == READ {
-                    &entry.reader
-                } else {
-                    &entry.writer
-                };
-                let take = match slot {
+                let take = match entry.slot(kind) {
                     Some(Watcher::Py(h)) if !h.get().is_cancelled() => {
                         ready.push1(Job::Handle(h.clone_ref(py)));
                         false
@@ -227,30 +352,46 @@ impl Selector {
                     None => false,
                 };
                 if take {
-                    if let Some(w) = self.remove(epfd, fd, kind) {
-                        garbage.push(w);
+                    if let Some((w, owner)) = self.remove(epfd, fd, kind) {
+                        garbage.extend(w);
+                        drop(owner); // never set for Python callbacks
                     }
                 }
             }
         }
     }
 
-    /// The id of the native operation registered on `fd`, if any.
-    pub(crate) fn op_id(&self, fd: RawFd, kind: u32) -> Option<u64> {
+    /// The id of the native operation on `fd` that resolves `fut`, if any.
+    pub(crate) fn op_for_future(
+        &self,
+        fd: RawFd,
+        kind: u32,
+        fut: *mut pyo3::ffi::PyObject,
+    ) -> Option<u64> {
         let e = self.entries.get(&fd)?;
         match if kind == READ { &e.reader } else { &e.writer } {
-            Some(Watcher::Native(op)) => Some(op.id()),
+            Some(Watcher::Native(op)) if op.fut().as_ptr() == fut => Some(op.id()),
             _ => None,
         }
     }
 
-    /// Unregister everything (loop closing); the watchers go to `garbage`.
-    pub(crate) fn drain(&mut self, epfd: RawFd, garbage: &mut Vec<Watcher>) {
+    /// Unregister everything (loop closing); the watchers go to `garbage`,
+    /// socket references to `owners`.
+    pub(crate) fn drain(
+        &mut self,
+        epfd: RawFd,
+        garbage: &mut Vec<Watcher>,
+        owners: &mut Vec<Py<PyAny>>,
+    ) {
         for (fd, e) in std::mem::take(&mut self.entries) {
-            let _ = ctl(epfd, libc::EPOLL_CTL_DEL, fd, 0);
+            if e.registered != 0 {
+                let _ = ctl(epfd, libc::EPOLL_CTL_DEL, fd, 0);
+            }
             garbage.extend(e.reader);
             garbage.extend(e.writer);
+            owners.extend(e.owner);
         }
+        self.active = 0;
     }
 
     pub(crate) fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
@@ -261,6 +402,7 @@ impl Selector {
             if let Some(w) = &e.writer {
                 w.visit(visit)?;
             }
+            visit.call(&e.owner)?;
         }
         Ok(())
     }

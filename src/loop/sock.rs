@@ -1,25 +1,31 @@
 //! Native halves of the sock_* methods (asyncio's "low-level socket
 //! operations"). Each tries the operation at once; if the socket would block
-//! it registers a native watcher on the loop's level-triggered epoll and
-//! returns a future that the watcher resolves. The Python wrappers in
-//! tokioloop/_loop.py do argument checks and address resolution and await
-//! the future when one is returned.
+//! it registers a native operation on the loop's private epoll and returns a
+//! future that the operation resolves when the socket is ready. The Python
+//! wrappers in tokioloop/_loop.py check arguments, resolve addresses and
+//! await the future when one is returned (and drop the operation if that
+//! await is cancelled).
 //!
-//! Operations go through the Python socket object's own methods, so errors,
-//! timeouts and address formats are exactly the socket module's.
+//! recv, recv_into and sendall are plain syscalls on the socket's fd (with
+//! the socket module's error reporting); accept, connect, recvfrom, sendto
+//! go through the socket object's own methods (address formats, new socket
+//! objects).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::{
-    PyBlockingIOError, PyInterruptedError, PyKeyboardInterrupt, PyOSError, PySystemExit,
+    PyBlockingIOError, PyInterruptedError, PyKeyboardInterrupt, PySystemExit, PyValueError,
 };
+use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use pyo3::PyTraverseError;
 
 use super::core::{fileobj_to_fd, LoopCore};
+use super::oserror;
 use super::selector::{Watcher, READ, WRITE};
 
 /// An operation retried each time its fd is ready, until it finishes.
@@ -48,6 +54,12 @@ fn fut_done(fut: &Bound<'_, PyAny>) -> PyResult<bool> {
         .is_truthy()
 }
 
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
 /// Run a ready operation (called from the loop's ready queue).
 pub(crate) fn run_op(
     slf: &Bound<'_, LoopCore>,
@@ -72,42 +84,253 @@ pub(crate) fn run_op(
         }
         Ok(Some(v)) => {
             slf.get().remove_op(py, fd, kind, op.id());
-            if !fut_done(fut)? {
-                fut.call_method1(pyo3::intern!(py, "set_result"), (v,))?;
-            }
+            fut.call_method1(pyo3::intern!(py, "set_result"), (v,))?;
             Ok(())
         }
         Err(e) => {
             slf.get().remove_op(py, fd, kind, op.id());
-            if !fut_done(fut)? {
-                fut.call_method1(pyo3::intern!(py, "set_exception"), (e.value(py),))?;
-            }
+            fut.call_method1(pyo3::intern!(py, "set_exception"), (e.value(py),))?;
             Ok(())
         }
     }
 }
 
-/// Done-callback of a pending operation's future: when the future finishes
-/// (typically: cancelled by a timeout), stop watching the fd.
-#[pyclass(frozen, module = "tokioloop._tokioloop")]
-struct SockOpDone {
-    lp: Py<LoopCore>,
+/// recv(2) of at most `n` bytes into a new bytes object; None on EAGAIN.
+fn recv_bytes<'py>(
+    lp: &LoopCore,
+    py: Python<'py>,
     fd: RawFd,
-    kind: u32,
-    id: u64,
+    n: usize,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    if n == 0 {
+        return Ok(Some(PyBytes::new(py, b"").into_any()));
+    }
+    if n <= crate::transports::stream::MAX_READ {
+        // Into the loop's buffer, then exactly what arrived into bytes.
+        let r = lp.with_read_buffer(py, |buf| loop {
+            // SAFETY: `buf` is writable for at least n bytes; fd is the
+            // socket's (a bad fd is reported through errno).
+            let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), n, libc::MSG_DONTWAIT) };
+            if got >= 0 {
+                break Ok(PyBytes::new(py, &buf[..got as usize]));
+            }
+            match errno() {
+                libc::EINTR => continue,
+                e => break Err(e),
+            }
+        });
+        return match r {
+            Ok(b) => Ok(Some(b.into_any())),
+            Err(libc::EAGAIN) => Ok(None),
+            Err(e) => Err(oserror::from_errno(py, e)),
+        };
+    }
+    // Large reads straight into a bytes object, shrunk to what arrived.
+    extern "C" {
+        // Documented C API (Objects/bytesobject.c), not bound by pyo3-ffi.
+        fn _PyBytes_Resize(
+            bytes: *mut *mut ffi::PyObject,
+            newsize: ffi::Py_ssize_t,
+        ) -> std::ffi::c_int;
+    }
+    // SAFETY: a new, uniquely owned bytes object of size n (NULL data means
+    // uninitialised contents that we fill or cut off before anyone sees it).
+    let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as ffi::Py_ssize_t) };
+    if obj.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    let got = loop {
+        // SAFETY: the bytes object's buffer holds n writable bytes.
+        let got =
+            unsafe { libc::recv(fd, ffi::PyBytes_AsString(obj).cast(), n, libc::MSG_DONTWAIT) };
+        if got >= 0 || errno() != libc::EINTR {
+            break got;
+        }
+    };
+    if got < 0 {
+        let e = errno();
+        // SAFETY: releasing the object we own.
+        unsafe { ffi::Py_DECREF(obj) };
+        return if e == libc::EAGAIN {
+            Ok(None)
+        } else {
+            Err(oserror::from_errno(py, e))
+        };
+    }
+    // SAFETY: `obj` is a fresh bytes object nobody else references, as
+    // _PyBytes_Resize requires; on failure it is freed and set to NULL.
+    if unsafe { _PyBytes_Resize(&mut obj, got as ffi::Py_ssize_t) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: a new reference we own.
+    Ok(Some(unsafe { Bound::from_owned_ptr(py, obj) }))
 }
 
-#[pymethods]
-impl SockOpDone {
-    fn __call__(&self, py: Python<'_>, _fut: &Bound<'_, PyAny>) {
-        self.lp
-            .bind(py)
-            .get()
-            .remove_op(py, self.fd, self.kind, self.id);
+/// Run `f` on a contiguous buffer view of `obj` (writable if asked).
+fn with_view<R>(
+    obj: &Bound<'_, PyAny>,
+    writable: bool,
+    f: impl FnOnce(*mut u8, usize) -> R,
+) -> PyResult<R> {
+    let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
+    let flags = if writable {
+        ffi::PyBUF_WRITABLE
+    } else {
+        ffi::PyBUF_SIMPLE
+    };
+    // SAFETY: the view is released below on every path after success.
+    if unsafe { ffi::PyObject_GetBuffer(obj.as_ptr(), view.as_mut_ptr(), flags) } < 0 {
+        return Err(PyErr::fetch(obj.py()));
+    }
+    // SAFETY: initialised by the successful call above.
+    let mut view = unsafe { view.assume_init() };
+    let r = f(view.buf.cast(), view.len as usize);
+    // SAFETY: released exactly once.
+    unsafe { ffi::PyBuffer_Release(&mut view) };
+    Ok(r)
+}
+
+/// recv(2) into a writable buffer; None on EAGAIN.
+fn recv_into<'py>(
+    py: Python<'py>,
+    fd: RawFd,
+    buf: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let r = with_view(buf, true, |p, len| loop {
+        if len == 0 {
+            break Ok(0usize);
+        }
+        // SAFETY: `p` points to `len` writable bytes for the view's life.
+        let got = unsafe { libc::recv(fd, p.cast(), len, libc::MSG_DONTWAIT) };
+        if got >= 0 {
+            break Ok(got as usize);
+        }
+        match errno() {
+            libc::EINTR => continue,
+            e => break Err(e),
+        }
+    })?;
+    match r {
+        Ok(n) => Ok(Some(n.into_pyobject(py)?.into_any())),
+        Err(libc::EAGAIN) => Ok(None),
+        Err(e) => Err(oserror::from_errno(py, e)),
     }
 }
 
-macro_rules! simple_op {
+/// send(2) of `data[pos..]` until done or EAGAIN; the new position.
+fn send_from(
+    py: Python<'_>,
+    fd: RawFd,
+    data: &Bound<'_, PyAny>,
+    mut pos: usize,
+) -> PyResult<(usize, usize)> {
+    let r = with_view(data, false, |p, len| {
+        while pos < len {
+            // SAFETY: `p` points to `len` readable bytes for the view's life.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    p.add(pos).cast(),
+                    len - pos,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                pos += n as usize;
+                continue;
+            }
+            match errno() {
+                libc::EINTR => continue,
+                libc::EAGAIN => break,
+                e => return Err(e),
+            }
+        }
+        Ok((pos, len))
+    })?;
+    r.map_err(|e| oserror::from_errno(py, e))
+}
+
+struct Recv {
+    id: u64,
+    fut: Py<PyAny>,
+    lp: Py<LoopCore>,
+    fd: RawFd,
+    n: usize,
+}
+
+impl SockOp for Recv {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn fut(&self) -> &Py<PyAny> {
+        &self.fut
+    }
+    fn attempt<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        recv_bytes(self.lp.get(), py, self.fd, self.n)
+    }
+    fn refs(&self) -> Vec<&Py<PyAny>> {
+        vec![]
+    }
+}
+
+struct RecvInto {
+    id: u64,
+    fut: Py<PyAny>,
+    fd: RawFd,
+    buf: Py<PyAny>,
+}
+
+impl SockOp for RecvInto {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn fut(&self) -> &Py<PyAny> {
+        &self.fut
+    }
+    fn attempt<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        recv_into(py, self.fd, self.buf.bind(py))
+    }
+    fn refs(&self) -> Vec<&Py<PyAny>> {
+        vec![&self.buf]
+    }
+}
+
+/// The rest of a sock_sendall: the data and how much of it is sent.
+struct SendAll {
+    id: u64,
+    fut: Py<PyAny>,
+    fd: RawFd,
+    data: Py<PyAny>,
+    pos: AtomicUsize,
+}
+
+impl SockOp for SendAll {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn fut(&self) -> &Py<PyAny> {
+        &self.fut
+    }
+    fn attempt<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let (pos, len) = send_from(
+            py,
+            self.fd,
+            self.data.bind(py),
+            self.pos.load(Ordering::Relaxed),
+        )?;
+        self.pos.store(pos, Ordering::Relaxed);
+        Ok(if pos >= len {
+            Some(py.None().into_bound(py))
+        } else {
+            None
+        })
+    }
+    fn refs(&self) -> Vec<&Py<PyAny>> {
+        vec![&self.data]
+    }
+}
+
+macro_rules! method_op {
     ($name:ident { $($field:ident),* }, |$self_:ident, $py:ident| $body:expr) => {
         struct $name {
             id: u64,
@@ -125,26 +348,18 @@ macro_rules! simple_op {
     };
 }
 
-simple_op!(Recv { sock, n }, |self, py| self
-    .sock
-    .bind(py)
-    .call_method1(pyo3::intern!(py, "recv"), (&self.n,)));
-simple_op!(RecvInto { sock, buf }, |self, py| self
-    .sock
-    .bind(py)
-    .call_method1(pyo3::intern!(py, "recv_into"), (&self.buf,)));
-simple_op!(RecvFrom { sock, bufsize }, |self, py| self
+method_op!(RecvFrom { sock, bufsize }, |self, py| self
     .sock
     .bind(py)
     .call_method1(pyo3::intern!(py, "recvfrom"), (&self.bufsize,)));
-simple_op!(RecvFromInto { sock, buf, nbytes }, |self, py| self
+method_op!(RecvFromInto { sock, buf, nbytes }, |self, py| self
     .sock
     .bind(py)
     .call_method1(
         pyo3::intern!(py, "recvfrom_into"),
         (&self.buf, &self.nbytes)
     ));
-simple_op!(
+method_op!(
     SendTo {
         sock,
         data,
@@ -155,55 +370,11 @@ simple_op!(
         .bind(py)
         .call_method1(pyo3::intern!(py, "sendto"), (&self.data, &self.address))
 );
-simple_op!(Accept { sock }, |self, py| accept_now(self.sock.bind(py)));
-simple_op!(Connect { sock, address }, |self, py| connect_result(
+method_op!(Accept { sock }, |self, py| accept_now(self.sock.bind(py)));
+method_op!(Connect { sock, address }, |self, py| connect_result(
     self.sock.bind(py),
     self.address.bind(py)
 ));
-
-/// The rest of a sock_sendall: a memoryview of the data and how much of it
-/// is sent.
-struct SendAll {
-    id: u64,
-    fut: Py<PyAny>,
-    sock: Py<PyAny>,
-    view: Py<PyAny>,
-    len: usize,
-    pos: AtomicUsize,
-}
-
-impl SockOp for SendAll {
-    fn id(&self) -> u64 {
-        self.id
-    }
-    fn fut(&self) -> &Py<PyAny> {
-        &self.fut
-    }
-    fn attempt<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let pos = self.pos.load(Ordering::Relaxed);
-        let rest = self.view.bind(py).get_item(pyo3::types::PySlice::new(
-            py,
-            pos as isize,
-            self.len as isize,
-            1,
-        ))?;
-        let n: usize = self
-            .sock
-            .bind(py)
-            .call_method1(pyo3::intern!(py, "send"), (rest,))?
-            .extract()?;
-        let pos = pos + n;
-        self.pos.store(pos, Ordering::Relaxed);
-        if pos >= self.len {
-            Ok(Some(py.None().into_bound(py)))
-        } else {
-            Ok(None)
-        }
-    }
-    fn refs(&self) -> Vec<&Py<PyAny>> {
-        vec![&self.sock, &self.view]
-    }
-}
 
 fn accept_now<'py>(sock: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let py = sock.py();
@@ -226,7 +397,7 @@ fn connect_result<'py>(
         )?
         .extract()?;
     if err != 0 {
-        return Err(PyOSError::new_err((
+        return Err(pyo3::exceptions::PyOSError::new_err((
             err,
             format!("Connect call failed {}", address.repr()?),
         )));
@@ -234,30 +405,26 @@ fn connect_result<'py>(
     Ok(py.None().into_bound(py))
 }
 
+fn bufsize(n: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let n: isize = n.extract()?;
+    if n < 0 {
+        return Err(PyValueError::new_err("negative buffersize in recv"));
+    }
+    Ok(n as usize)
+}
+
 impl LoopCore {
-    /// Register `op` on `fd` and arrange for it to be unregistered when its
-    /// future finishes; return the future.
+    /// Register `op` on `fd` for `sock`; return its future.
     fn pend<'py>(
         slf: &Bound<'py, Self>,
         sock: &Bound<'py, PyAny>,
+        fd: RawFd,
         kind: u32,
         fut: Bound<'py, PyAny>,
         op: Arc<dyn SockOp>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let py = slf.py();
-        let fd = fileobj_to_fd(sock)?;
-        let id = op.id();
-        slf.get().set_watcher(py, fd, kind, Watcher::Native(op))?;
-        let done = Py::new(
-            py,
-            SockOpDone {
-                lp: slf.clone().unbind(),
-                fd,
-                kind,
-                id,
-            },
-        )?;
-        fut.call_method1(pyo3::intern!(py, "add_done_callback"), (done,))?;
+        slf.get()
+            .set_watcher(slf.py(), fd, kind, Watcher::Native(op), Some(sock))?;
         Ok(fut)
     }
 
@@ -284,16 +451,22 @@ impl LoopCore {
         n: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        slf.get().check_closed()?;
-        try_now!(py, sock.call_method1(pyo3::intern!(py, "recv"), (n,)));
+        let this = slf.get();
+        this.check_closed()?;
+        let fd = fileobj_to_fd(sock)?;
+        let n = bufsize(n)?;
+        if let Some(data) = recv_bytes(this, py, fd, n)? {
+            return Ok(data);
+        }
         let fut = Self::new_future(slf)?;
         let op = Arc::new(Recv {
-            id: slf.get().new_op_id(),
+            id: this.new_op_id(),
             fut: fut.clone().unbind(),
-            sock: sock.clone().unbind(),
-            n: n.clone().unbind(),
+            lp: slf.clone().unbind(),
+            fd,
+            n,
         });
-        Self::pend(slf, sock, READ, fut, op)
+        Self::pend(slf, sock, fd, READ, fut, op)
     }
 
     fn _sock_recv_into<'py>(
@@ -302,19 +475,20 @@ impl LoopCore {
         buf: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        slf.get().check_closed()?;
-        try_now!(
-            py,
-            sock.call_method1(pyo3::intern!(py, "recv_into"), (buf,))
-        );
+        let this = slf.get();
+        this.check_closed()?;
+        let fd = fileobj_to_fd(sock)?;
+        if let Some(n) = recv_into(py, fd, buf)? {
+            return Ok(n);
+        }
         let fut = Self::new_future(slf)?;
         let op = Arc::new(RecvInto {
-            id: slf.get().new_op_id(),
+            id: this.new_op_id(),
             fut: fut.clone().unbind(),
-            sock: sock.clone().unbind(),
+            fd,
             buf: buf.clone().unbind(),
         });
-        Self::pend(slf, sock, READ, fut, op)
+        Self::pend(slf, sock, fd, READ, fut, op)
     }
 
     fn _sock_recvfrom<'py>(
@@ -328,6 +502,7 @@ impl LoopCore {
             py,
             sock.call_method1(pyo3::intern!(py, "recvfrom"), (bufsize,))
         );
+        let fd = fileobj_to_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(RecvFrom {
             id: slf.get().new_op_id(),
@@ -335,7 +510,7 @@ impl LoopCore {
             sock: sock.clone().unbind(),
             bufsize: bufsize.clone().unbind(),
         });
-        Self::pend(slf, sock, READ, fut, op)
+        Self::pend(slf, sock, fd, READ, fut, op)
     }
 
     fn _sock_recvfrom_into<'py>(
@@ -350,6 +525,7 @@ impl LoopCore {
             py,
             sock.call_method1(pyo3::intern!(py, "recvfrom_into"), (buf, nbytes))
         );
+        let fd = fileobj_to_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(RecvFromInto {
             id: slf.get().new_op_id(),
@@ -358,7 +534,7 @@ impl LoopCore {
             buf: buf.clone().unbind(),
             nbytes: nbytes.clone().unbind(),
         });
-        Self::pend(slf, sock, READ, fut, op)
+        Self::pend(slf, sock, fd, READ, fut, op)
     }
 
     fn _sock_sendto<'py>(
@@ -373,6 +549,7 @@ impl LoopCore {
             py,
             sock.call_method1(pyo3::intern!(py, "sendto"), (data, address))
         );
+        let fd = fileobj_to_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(SendTo {
             id: slf.get().new_op_id(),
@@ -381,7 +558,7 @@ impl LoopCore {
             data: data.clone().unbind(),
             address: address.clone().unbind(),
         });
-        Self::pend(slf, sock, WRITE, fut, op)
+        Self::pend(slf, sock, fd, WRITE, fut, op)
     }
 
     /// Returns None when everything was sent at once, else a future.
@@ -391,34 +568,33 @@ impl LoopCore {
         data: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
-        slf.get().check_closed()?;
-        let view = pyo3::types::PyMemoryView::from(data)?;
-        let len = view.len()?;
-        let nbytes: usize = view.getattr(pyo3::intern!(py, "nbytes"))?.extract()?;
-        let view = if nbytes != len {
-            // Not a byte buffer: send it as bytes, as socket.send would see it.
-            view.call_method1(pyo3::intern!(py, "cast"), ("B",))?
-        } else {
-            view.into_any()
-        };
-        let n: usize = match sock.call_method1(pyo3::intern!(py, "send"), (&view,)) {
-            Ok(n) => n.extract()?,
-            Err(e) if would_block(py, &e) => 0,
-            Err(e) => return Err(e),
-        };
-        if n >= nbytes {
+        let this = slf.get();
+        this.check_closed()?;
+        let fd = fileobj_to_fd(sock)?;
+        let (pos, len) = send_from(py, fd, data, 0)?;
+        if pos >= len {
             return Ok(py.None().into_bound(py));
         }
+        // Keep what send() did not take; bytes are immutable, anything else
+        // (bytearray, memoryview) is copied so later changes do not leak in.
+        let data = if data.is_instance_of::<PyBytes>() {
+            data.clone()
+        } else {
+            with_view(data, false, |p, len| {
+                // SAFETY: `p` points to `len` readable bytes during the call.
+                PyBytes::new(py, unsafe { std::slice::from_raw_parts(p, len) })
+            })?
+            .into_any()
+        };
         let fut = Self::new_future(slf)?;
         let op = Arc::new(SendAll {
-            id: slf.get().new_op_id(),
+            id: this.new_op_id(),
             fut: fut.clone().unbind(),
-            sock: sock.clone().unbind(),
-            view: view.unbind(),
-            len: nbytes,
-            pos: AtomicUsize::new(n),
+            fd,
+            data: data.unbind(),
+            pos: AtomicUsize::new(pos),
         });
-        Self::pend(slf, sock, WRITE, fut, op)
+        Self::pend(slf, sock, fd, WRITE, fut, op)
     }
 
     /// `address` is already resolved. Returns None if connected at once.
@@ -434,6 +610,7 @@ impl LoopCore {
             Err(e) if would_block(py, &e) => {}
             Err(e) => return Err(e),
         }
+        let fd = fileobj_to_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(Connect {
             id: slf.get().new_op_id(),
@@ -441,7 +618,7 @@ impl LoopCore {
             sock: sock.clone().unbind(),
             address: address.clone().unbind(),
         });
-        Self::pend(slf, sock, WRITE, fut, op)
+        Self::pend(slf, sock, fd, WRITE, fut, op)
     }
 
     fn _sock_accept<'py>(
@@ -451,12 +628,32 @@ impl LoopCore {
         let py = slf.py();
         slf.get().check_closed()?;
         try_now!(py, accept_now(sock));
+        let fd = fileobj_to_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(Accept {
             id: slf.get().new_op_id(),
             fut: fut.clone().unbind(),
             sock: sock.clone().unbind(),
         });
-        Self::pend(slf, sock, READ, fut, op)
+        Self::pend(slf, sock, fd, READ, fut, op)
+    }
+
+    /// An awaited sock_* future was cancelled (or its await failed): stop
+    /// the operation that would resolve it.
+    fn _sock_abandon(
+        &self,
+        py: Python<'_>,
+        sock: &Bound<'_, PyAny>,
+        fut: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let Ok(fd) = fileobj_to_fd(sock) else {
+            return Ok(()); // closed socket: its registration is gone with it
+        };
+        for kind in [READ, WRITE] {
+            if let Some(id) = self.op_for_future(py, fd, kind, fut) {
+                self.remove_op(py, fd, kind, id);
+            }
+        }
+        Ok(())
     }
 }

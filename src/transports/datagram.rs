@@ -12,7 +12,6 @@ use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
-use pyo3::exceptions::{PyBlockingIOError, PyInterruptedError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString, PyTuple};
@@ -240,7 +239,7 @@ impl DatagramCore {
             Err(libc::EAGAIN) | Err(libc::EINTR) => Ok(false),
             Err(e) => {
                 // As asyncio: an OSError from recvfrom goes to error_received().
-                let exc = PyErr::from(std::io::Error::from_raw_os_error(e));
+                let exc = crate::event_loop::oserror::from_errno(py, e);
                 error_received.bind(py).call1((exc.value(py),))?;
                 Ok(false)
             }
@@ -418,12 +417,7 @@ impl DatagramCore {
         if err == libc::EAGAIN || err == libc::EINTR {
             return Ok(false);
         }
-        let exc = PyErr::from(std::io::Error::from_raw_os_error(err));
-        if exc.is_instance_of::<PyBlockingIOError>(py)
-            || exc.is_instance_of::<PyInterruptedError>(py)
-        {
-            return Ok(false);
-        }
+        let exc = crate::event_loop::oserror::from_errno(py, err);
         if let Some((_, error_received)) = self.callbacks(py) {
             error_received.bind(py).call1((exc.value(py),))?;
         }

@@ -123,8 +123,7 @@ fn errno() -> i32 {
 }
 
 fn os_error(py: Python<'_>, err: i32) -> PyErr {
-    let _ = py;
-    PyErr::from(std::io::Error::from_raw_os_error(err))
+    crate::event_loop::oserror::from_errno(py, err)
 }
 
 enum ReadOutcome {
