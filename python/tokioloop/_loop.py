@@ -39,9 +39,12 @@ _HAS_IPV6 = hasattr(socket, "AF_INET6")
 _SENDFILE_FALLBACK_CHUNK = 256 * 1024
 
 try:
-    import ssl as _ssl
+    from ssl import SSLSocket as _SSLSocket
 except ImportError:  # pragma: no cover - CPython is built with ssl here
-    _ssl = None  # type: ignore[assignment]
+
+    class _SSLSocket:  # type: ignore[no-redef]
+        pass
+
 
 _B = _base_events.BaseEventLoop
 
@@ -214,7 +217,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
     # ---- low-level socket operations -------------------------------------
 
     def _check_sock(self, sock: Any) -> None:
-        if type(sock) is not socket.socket and _ssl is not None and isinstance(sock, _ssl.SSLSocket):
+        if type(sock) is not socket.socket and isinstance(sock, _SSLSocket):
             raise TypeError("Socket cannot be of type SSLSocket")
         if self._debug and sock.gettimeout() != 0:
             raise ValueError("the socket must be non-blocking")
