@@ -50,6 +50,11 @@ _B = _base_events.BaseEventLoop
 
 
 def _debug_from_environment() -> bool:
+    # asyncio's own test of PYTHONASYNCIODEBUG and -X dev, looked up at each
+    # loop creation as asyncio does (so patching it works the same way).
+    is_debug = getattr(asyncio.coroutines, "_is_debug_mode", None)
+    if is_debug is not None:
+        return bool(is_debug())
     return sys.flags.dev_mode or (
         not sys.flags.ignore_environment and bool(os.environ.get("PYTHONASYNCIODEBUG"))
     )
@@ -186,6 +191,24 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
                 executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
                 self._default_executor = executor
         return asyncio.wrap_future(executor.submit(func, *args), loop=self)
+
+    # ---- fd watchers: the public ones refuse fds a transport uses -------
+
+    def add_reader(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
+        self._ensure_fd_no_transport(fd)
+        LoopCore.add_reader(self, fd, callback, *args)
+
+    def remove_reader(self, fd: Any) -> bool:
+        self._ensure_fd_no_transport(fd)
+        return LoopCore.remove_reader(self, fd)
+
+    def add_writer(self, fd: Any, callback: Callable[..., Any], *args: Any) -> None:
+        self._ensure_fd_no_transport(fd)
+        LoopCore.add_writer(self, fd, callback, *args)
+
+    def remove_writer(self, fd: Any) -> bool:
+        self._ensure_fd_no_transport(fd)
+        return LoopCore.remove_writer(self, fd)
 
     # ---- DNS --------------------------------------------------------------
 

@@ -102,23 +102,6 @@ class NetworkMixin:
     _add_writer = LoopCore.add_writer
     _remove_writer = LoopCore.remove_writer
 
-    # the public ones refuse fds that a transport uses, as asyncio's
-    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
-        self._ensure_fd_no_transport(fd)
-        LoopCore.add_reader(self, fd, callback, *args)  # type: ignore[arg-type]
-
-    def remove_reader(self, fd: Any) -> bool:
-        self._ensure_fd_no_transport(fd)
-        return bool(LoopCore.remove_reader(self, fd))  # type: ignore[arg-type]
-
-    def add_writer(self, fd: Any, callback: Any, *args: Any) -> None:
-        self._ensure_fd_no_transport(fd)
-        LoopCore.add_writer(self, fd, callback, *args)  # type: ignore[arg-type]
-
-    def remove_writer(self, fd: Any) -> bool:
-        self._ensure_fd_no_transport(fd)
-        return bool(LoopCore.remove_writer(self, fd))  # type: ignore[arg-type]
-
     def _stop_serving(self, sock: socket.socket) -> None:
         path = sock.getsockname() if sock in self._unix_server_sockets else None
         self._remove_reader(sock.fileno())

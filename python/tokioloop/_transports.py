@@ -16,7 +16,7 @@ import os
 import socket
 import stat
 import warnings
-from asyncio import constants, selector_events, trsock
+from asyncio import constants, selector_events, transports, trsock
 from typing import Any
 
 from ._tokioloop import DatagramCore, StreamTransportCore
@@ -138,6 +138,18 @@ class _NativeStreamTransport:
     def _protocol(self) -> Any:
         return self._core.get_protocol()
 
+    @property
+    def _protocol_paused(self) -> bool:
+        return bool(self._core._protocol_paused)
+
+    @property
+    def _high_water(self) -> int:
+        return int(self._core.get_write_buffer_limits()[1])
+
+    @property
+    def _low_water(self) -> int:
+        return int(self._core.get_write_buffer_limits()[0])
+
     def __repr__(self) -> str:
         if self._kind != "socket":
             return self._pipe_repr()
@@ -185,7 +197,7 @@ class _NativeStreamTransport:
             core._close_now()
 
 
-class SocketTransport(_NativeStreamTransport, asyncio.Transport):
+class SocketTransport(_NativeStreamTransport, transports._FlowControlMixin):
     """TCP and Unix stream sockets."""
 
     _start_tls_compatible = True
@@ -200,7 +212,7 @@ class SocketTransport(_NativeStreamTransport, asyncio.Transport):
         extra: dict[str, Any] | None = None,
         server: Any = None,
     ) -> None:
-        asyncio.Transport.__init__(self, extra)
+        asyncio.Transport.__init__(self, extra)  # the mixin's own state lives in the core
         self._extra["socket"] = trsock.TransportSocket(sock)
         try:
             self._extra["sockname"] = sock.getsockname()

@@ -212,6 +212,11 @@ impl LoopCore {
     }
 
     #[inline]
+    pub(crate) fn closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    #[inline]
     pub(crate) fn check_closed(&self) -> PyResult<()> {
         if self.closed.load(Ordering::Relaxed) {
             Err(PyRuntimeError::new_err("Event loop is closed"))

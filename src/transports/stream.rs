@@ -25,6 +25,7 @@ use crate::event_loop::cell::GilCell;
 use crate::event_loop::core::LoopCore;
 use crate::event_loop::io::Registration;
 use crate::event_loop::job::Job;
+use crate::event_loop::selector::NativeReader;
 
 use super::{Source, READ, WRITE};
 
@@ -235,6 +236,9 @@ impl StreamCore {
     fn on_write_pipe_hangup(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
+        this.lp(py)
+            .get()
+            .remove_watcher(py, this.fd, crate::event_loop::selector::READ)?;
         let (live, pending) = this.st.with(py, |s| {
             let live = s.reg.is_some() && s.started && s.conn_lost == 0;
             (live, !s.buf.is_empty())
@@ -597,9 +601,13 @@ impl StreamCore {
     fn after_drain(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        let (closing, eof, waiter) = this
-            .st
-            .with(py, |s| (s.closing, s.eof, s.empty_waiter.take()));
+        let (closing, eof, waiter) = this.st.with(py, |s| {
+            (
+                s.closing,
+                s.eof,
+                s.empty_waiter.as_ref().map(|w| w.clone_ref(py)),
+            )
+        });
         if let Some(w) = waiter {
             let w = w.bind(py);
             if !w.call_method0("done")?.is_truthy()? {
@@ -741,6 +749,11 @@ impl StreamCore {
         });
         drop(reg);
         this.lp(py).get().unregister_source(py, this.token);
+        if this.watch_hangup && !this.lp(py).get().closed() {
+            this.lp(py)
+                .get()
+                .remove_watcher(py, this.fd, crate::event_loop::selector::READ)?;
+        }
         let mut close_err = None;
         if let Some(f) = file {
             if let Err(e) = f.bind(py).call_method0(pyo3::intern!(py, "close")) {
@@ -830,6 +843,19 @@ impl StreamCore {
                 data.get_type().name()?.to_string()
             )))
         }
+    }
+}
+
+/// The loop-side watcher of a write pipe's hang-up.
+struct WritePipeHangup(Py<StreamCore>);
+
+impl NativeReader for WritePipeHangup {
+    fn on_ready(&self, py: Python<'_>) -> PyResult<()> {
+        StreamCore::on_write_pipe_hangup(self.0.bind(py))
+    }
+
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.0)
     }
 }
 
@@ -926,9 +952,15 @@ impl StreamCore {
                 let me = me.bind(py);
                 let this = me.get();
                 this.st.with(py, |s| s.started = true);
-                // A write pipe's "readable" event means the reader went away.
-                if this.kind != Kind::WritePipe || this.watch_hangup {
+                if this.kind != Kind::WritePipe {
                     StreamCore::arm(me, READ);
+                } else if this.watch_hangup {
+                    // The reader going away shows as an error/hang-up on
+                    // the write end, which Tokio reports only to writers:
+                    // watch it level-triggered, as asyncio does.
+                    let reader: std::sync::Arc<dyn NativeReader> =
+                        std::sync::Arc::new(WritePipeHangup(me.clone().unbind()));
+                    this.lp(py).get().add_native_reader(py, this.fd, reader)?;
                 }
                 Ok(())
             })),
@@ -1145,11 +1177,11 @@ impl StreamCore {
         if busy {
             return Err(PyRuntimeError::new_err("Empty waiter is already set"));
         }
+        // Kept until _reset_empty_waiter(): write() refuses data meanwhile.
+        let f = fut.clone().unbind();
+        this.st.with(py, |s| s.empty_waiter = Some(f));
         if empty {
             fut.call_method1("set_result", (py.None(),))?;
-        } else {
-            let f = fut.clone().unbind();
-            this.st.with(py, |s| s.empty_waiter = Some(f));
         }
         Ok(fut.unbind())
     }
@@ -1165,6 +1197,11 @@ impl StreamCore {
         });
         drop(reg);
         self.lp(py).get().unregister_source(py, self.token);
+        if self.watch_hangup && !self.lp(py).get().closed() {
+            self.lp(py)
+                .get()
+                .remove_watcher(py, self.fd, crate::event_loop::selector::READ)?;
+        }
         if let Some(f) = file {
             f.bind(py).call_method0(pyo3::intern!(py, "close"))?;
         }
@@ -1190,6 +1227,11 @@ impl StreamCore {
     #[getter]
     fn _fd(&self) -> RawFd {
         self.fd
+    }
+
+    #[getter]
+    fn _protocol_paused(&self, py: Python<'_>) -> bool {
+        self.st.with(py, |s| s.protocol_paused)
     }
 
     #[getter]
