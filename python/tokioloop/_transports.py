@@ -139,6 +139,10 @@ class _NativeStreamTransport:
         return self._core.get_protocol()
 
     @property
+    def _paused(self) -> bool:
+        return bool(self._core._paused)
+
+    @property
     def _protocol_paused(self) -> bool:
         return bool(self._core._protocol_paused)
 

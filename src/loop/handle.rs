@@ -521,6 +521,34 @@ impl HandleRef {
     }
 }
 
+/// Run `f` with `ctx` (a contextvars.Context) entered, as Context.run()
+/// does; for protocol callbacks that the loop makes, which asyncio runs in
+/// the context their transport was created in.
+pub(crate) fn run_in_context<R>(
+    py: Python<'_>,
+    ctx: &Py<PyAny>,
+    f: impl FnOnce() -> PyResult<R>,
+) -> PyResult<R> {
+    // SAFETY: `ctx` is a live contextvars.Context we hold a reference to;
+    // Enter/Exit are paired and called with the GIL held.
+    if unsafe { ffi::PyContext_Enter(ctx.as_ptr()) } < 0 {
+        return Err(PyErr::fetch(py));
+    }
+    let r = f();
+    // SAFETY: as above.
+    if unsafe { ffi::PyContext_Exit(ctx.as_ptr()) } < 0 {
+        let e = PyErr::fetch(py);
+        return r.and(Err(e));
+    }
+    r
+}
+
+/// A copy of the current context (contextvars.copy_context()).
+pub(crate) fn copy_context(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    // SAFETY: a new reference, or NULL with an exception set.
+    unsafe { Ok(Bound::from_owned_ptr_or_err(py, ffi::PyContext_CopyCurrent())?.unbind()) }
+}
+
 pub(crate) fn loop_debug(lp: &Bound<'_, PyAny>) -> bool {
     match lp.cast::<LoopCore>() {
         Ok(core) => core.get().debug(),

@@ -18,6 +18,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString, PyTuple};
 
 use crate::event_loop::cell::GilCell;
 use crate::event_loop::core::LoopCore;
+use crate::event_loop::handle::{copy_context, run_in_context};
 use crate::event_loop::selector::NativeReader;
 
 /// Datagrams received per readiness event at most (then other callbacks
@@ -44,6 +45,8 @@ pub struct DatagramCore {
     connected: bool,
     sock: Py<PyAny>,
     transport: Py<PyAny>,
+    /// The context the transport was made in (protocol callbacks run in it).
+    ctx: Py<PyAny>,
     cb: GilCell<Option<Cached>>,
     addr: GilCell<Option<AddrCache>>,
 }
@@ -267,18 +270,21 @@ impl DatagramCore {
 
 impl NativeReader for DatagramCore {
     fn on_ready(&self, py: Python<'_>) -> PyResult<()> {
-        for _ in 0..BATCH {
-            if !self.receive_one(py)? {
-                break;
+        run_in_context(py, &self.ctx, || {
+            for _ in 0..BATCH {
+                if !self.receive_one(py)? {
+                    break;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         visit.call(&self.lp)?;
         visit.call(&self.sock)?;
         visit.call(&self.transport)?;
+        visit.call(&self.ctx)?;
         if let Some(r) = self.cb.try_with(|c| -> Result<(), pyo3::PyTraverseError> {
             if let Some(c) = c {
                 visit.call(&c.datagram_received)?;
@@ -318,6 +324,7 @@ impl DatagramCore {
             connected,
             sock: sock.unbind(),
             transport: transport.unbind(),
+            ctx: copy_context(py)?,
             cb: GilCell::new(None),
             addr: GilCell::new(None),
         };

@@ -23,6 +23,7 @@ use pyo3::PyTraverseError;
 
 use crate::event_loop::cell::GilCell;
 use crate::event_loop::core::LoopCore;
+use crate::event_loop::handle::{copy_context, run_in_context};
 use crate::event_loop::io::Registration;
 use crate::event_loop::job::Job;
 use crate::event_loop::selector::NativeReader;
@@ -106,6 +107,8 @@ struct State {
     /// A future loop.sendfile() waits on until the buffer is empty.
     empty_waiter: Option<Py<PyAny>>,
     started: bool,
+    /// True while loop-initiated work runs in the transport's context.
+    in_context: bool,
 }
 
 #[pyclass(frozen, module = "tokioloop._tokioloop", name = "StreamTransportCore")]
@@ -116,6 +119,9 @@ pub struct StreamCore {
     kind: Kind,
     /// Write pipes: a readable event means the reader closed its end.
     watch_hangup: bool,
+    /// The context the transport was made in: the loop runs the protocol's
+    /// callbacks in it, as asyncio does.
+    ctx: Py<PyAny>,
     st: GilCell<State>,
 }
 
@@ -220,6 +226,25 @@ impl StreamCore {
     }
 
     pub(crate) fn on_ready(slf: &Bound<'_, Self>, kind: u8) -> PyResult<()> {
+        let py = slf.py();
+        slf.get()
+            .in_own_context(py, || Self::on_ready_in_context(slf, kind))
+    }
+
+    /// Run loop-initiated work (reads, writes, hang-ups, connection_lost)
+    /// in the transport's context, remembering that we are inside it.
+    fn in_own_context<R>(&self, py: Python<'_>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+        run_in_context(py, &self.ctx, || {
+            let was = self
+                .st
+                .with(py, |s| std::mem::replace(&mut s.in_context, true));
+            let r = f();
+            self.st.with(py, |s| s.in_context = was);
+            r
+        })
+    }
+
+    fn on_ready_in_context(slf: &Bound<'_, Self>, kind: u8) -> PyResult<()> {
         if kind == WRITE {
             return Self::on_writable(slf);
         }
@@ -368,12 +393,21 @@ impl StreamCore {
             ReadOutcome::Error(e) => Self::fatal(slf, os_error(py, e), this.read_error_message()),
             ReadOutcome::Eof => Self::on_eof(slf),
             ReadOutcome::Data(_, short) => {
-                let cb = this.st.with(py, |s| {
-                    s.cb.as_ref()
-                        .and_then(|c| c.data_received.as_ref().map(|f| f.clone_ref(py)))
+                let (cb, proto) = this.st.with(py, |s| match s.cb.as_ref() {
+                    Some(c) => (
+                        c.data_received.as_ref().map(|f| f.clone_ref(py)),
+                        Some(c.protocol.clone_ref(py)),
+                    ),
+                    None => (None, None),
                 });
-                if let (Some(cb), Some(data)) = (cb, data) {
-                    if let Err(e) = cb.bind(py).call1((data,)) {
+                if let Some(data) = data {
+                    let res = match (cb, proto) {
+                        (Some(cb), _) => cb.bind(py).call1((data,)),
+                        // No data_received: the call fails as asyncio's would.
+                        (None, Some(p)) => p.bind(py).call_method1("data_received", (data,)),
+                        (None, None) => Ok(py.None().into_bound(py)),
+                    };
+                    if let Err(e) = res {
                         if is_base_exit(py, &e) {
                             return Err(e);
                         }
@@ -511,9 +545,12 @@ impl StreamCore {
                     .bind(py)
                     .getattr(pyo3::intern!(py, "eof_received"))?
                     .unbind();
+                let ctx = this.ctx.clone_ref(py);
                 this.lp(py).get().push_ready(
                     py,
-                    Job::Call(Box::new(move |py| eof.bind(py).call0().map(|_| ()))),
+                    Job::Call(Box::new(move |py| {
+                        run_in_context(py, &ctx, || eof.bind(py).call0().map(|_| ()))
+                    })),
                 );
             }
             Self::schedule_connection_lost(slf, None);
@@ -691,7 +728,15 @@ impl StreamCore {
     fn call_flow_control(slf: &Bound<'_, Self>, name: &str) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        if let Err(e) = this.call_protocol0(py, name) {
+        // pause_writing() comes from write(), in whatever context the writer
+        // runs; run it in the protocol's context like its other callbacks
+        // (uvloop does; asyncio uses the writer's).
+        let res = if this.st.with(py, |s| s.in_context) {
+            this.call_protocol0(py, name).map(|_| ())
+        } else {
+            run_in_context(py, &this.ctx, || this.call_protocol0(py, name).map(|_| ()))
+        };
+        if let Err(e) = res {
             if is_base_exit(py, &e) {
                 return Err(e);
             }
@@ -715,7 +760,9 @@ impl StreamCore {
         slf.get().lp(py).get().push_ready(
             py,
             Job::Call(Box::new(move |py| {
-                StreamCore::call_connection_lost(me.bind(py), exc)
+                let me = me.bind(py);
+                me.get()
+                    .in_own_context(py, || StreamCore::call_connection_lost(me, exc))
             })),
         );
     }
@@ -851,7 +898,9 @@ struct WritePipeHangup(Py<StreamCore>);
 
 impl NativeReader for WritePipeHangup {
     fn on_ready(&self, py: Python<'_>) -> PyResult<()> {
-        StreamCore::on_write_pipe_hangup(self.0.bind(py))
+        let me = self.0.bind(py);
+        me.get()
+            .in_own_context(py, || StreamCore::on_write_pipe_hangup(me))
     }
 
     fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -917,6 +966,7 @@ impl StreamCore {
             fd,
             kind,
             watch_hangup: kind_name == "write_pipe",
+            ctx: copy_context(py)?,
             st: GilCell::new(State {
                 reg: Some(reg),
                 cb: Some(Self::set_callbacks(py, &protocol)?),
@@ -933,6 +983,7 @@ impl StreamCore {
                 protocol_paused: false,
                 empty_waiter: None,
                 started: false,
+                in_context: false,
             }),
         })
     }
@@ -1230,6 +1281,11 @@ impl StreamCore {
     }
 
     #[getter]
+    fn _paused(&self, py: Python<'_>) -> bool {
+        self.st.with(py, |s| s.paused)
+    }
+
+    #[getter]
     fn _protocol_paused(&self, py: Python<'_>) -> bool {
         self.st.with(py, |s| s.protocol_paused)
     }
@@ -1246,6 +1302,7 @@ impl StreamCore {
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.lp)?;
+        visit.call(&self.ctx)?;
         if let Some(r) = self.st.try_with(|s| -> Result<(), PyTraverseError> {
             if let Some(c) = &s.cb {
                 visit.call(&c.protocol)?;
