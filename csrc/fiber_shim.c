@@ -373,6 +373,17 @@ int tlf_py_depth(PyThreadState *ts)
 #endif
 }
 
+/* Top of the frame data stack (3.11+), or NULL (for measurements). */
+void *tlf_datastack_top(PyThreadState *ts)
+{
+#if TLF_311P
+    return (void *)ts->datastack_top;
+#else
+    (void)ts;
+    return NULL;
+#endif
+}
+
 /* C recursion budget left (3.12+), or -1 (for tests). */
 int tlf_c_remaining(PyThreadState *ts)
 {

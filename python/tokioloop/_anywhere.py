@@ -111,6 +111,7 @@ def _await_on_owner(loop: asyncio.AbstractEventLoop, aw: Awaitable[T]) -> T:
     done = _thread.allocate_lock()
     done.acquire()
     outcome: list[tuple[bool, Any]] = []
+    started: list[bool] = []
 
     def on_done(fut: asyncio.Future[T]) -> None:
         if fut.cancelled():
@@ -124,6 +125,7 @@ def _await_on_owner(loop: asyncio.AbstractEventLoop, aw: Awaitable[T]) -> T:
         done.release()
 
     def start() -> None:
+        started.append(True)
         try:
             fut = asyncio.ensure_future(aw, loop=loop)
         except BaseException as e:
@@ -135,17 +137,19 @@ def _await_on_owner(loop: asyncio.AbstractEventLoop, aw: Awaitable[T]) -> T:
     loop.call_soon_threadsafe(start, context=contextvars.copy_context())
     while not done.acquire(timeout=0.25):
         if loop.is_closed():
+            if not started:
+                _discard(aw)
             raise RuntimeError(
                 "await_(): the event loop that started this worker thread was closed "
                 "before the awaitable finished"
             )
-    ok, value = outcome[0]
+    ok, value = outcome.pop()
     if ok:
         return cast(T, value)
     try:
         raise value
     finally:
-        del value, outcome
+        del value  # no traceback -> frame -> exception cycle
 
 
 # -- threads without a running loop -----------------------------------------
@@ -302,7 +306,9 @@ class async_iter(Generic[T]):
         self.close()
 
 
-_ASYNC_CODE_FLAGS = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_ASYNC_CODE_FLAGS = (
+    inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+)
 
 
 def _caller_is_async(depth: int) -> bool:

@@ -273,7 +273,7 @@ unsafe fn outcome_to_send(
 
 /// The awaitable `run_anywhere(fn, *args, **kwargs)` returns: a coroutine
 /// (it passes `asyncio.iscoroutine`) that runs `fn` on its own fiber.
-#[pyclass(frozen, module = "tokioloop._tokioloop", name = "RunAnywhere")]
+#[pyclass(frozen, weakref, module = "tokioloop._tokioloop", name = "RunAnywhere")]
 pub(crate) struct RunAnywhere {
     func: Py<PyAny>,
     inner: UnsafeCell<RaInner>,
@@ -603,7 +603,12 @@ pub(crate) fn run_anywhere(
 /// synchronous code anywhere inside the coroutine can `await_`. A runner is
 /// held only while such code is suspended in `await_`; otherwise it goes
 /// back to the thread's idle runners when the step ends.
-#[pyclass(frozen, module = "tokioloop._tokioloop", name = "AnywhereCoroutine")]
+#[pyclass(
+    frozen,
+    weakref,
+    module = "tokioloop._tokioloop",
+    name = "AnywhereCoroutine"
+)]
 pub(crate) struct AnywhereCoroutine {
     coro: Py<PyAny>,
     inner: UnsafeCell<AcInner>,
@@ -911,14 +916,17 @@ impl Drop for AnywhereCoroutine {
 // cyclic GC unwinds a suspended fiber before it clears anything).
 // ---------------------------------------------------------------------------
 
+/// Runs `f` on the Rust value of a pyclass instance from a raw slot call,
+/// catching panics (they must not cross the C boundary).
+///
 /// # Safety
-/// Called by CPython with the GIL held, `obj` an instance of the type.
-unsafe fn with_obj<T: pyo3::PyClass + Sync, R>(
+/// Called by CPython with the GIL held, `obj` an instance of `T`.
+pub(crate) unsafe fn with_obj<T, R>(
     obj: *mut ffi::PyObject,
     f: impl FnOnce(Python<'_>, &T) -> R,
 ) -> Option<R>
 where
-    T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::True>,
+    T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + Sync,
 {
     let py = Python::assume_attached();
     let b = Bound::from_borrowed_ptr(py, obj);

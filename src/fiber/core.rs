@@ -132,6 +132,9 @@ pub(crate) struct Fiber {
     owner_ts: *mut ffi::PyThreadState,
     body: Option<Body>,
     guarded: bool,
+    /// Top of the C stack and start of the data-stack chunk (measurements).
+    stack_top: usize,
+    chunk: usize,
 }
 
 /// Per-process fiber configuration, fixed at module init.
@@ -163,6 +166,14 @@ thread_local! {
     static CURRENT: Cell<*mut Fiber> = const { Cell::new(std::ptr::null_mut()) };
     static THREAD_TOKEN: Cell<u64> = const { Cell::new(0) };
     static IDLE: RefCell<IdleRunners> = const { RefCell::new(IdleRunners(Vec::new())) };
+    /// C stack bytes in use at the last suspension on this thread
+    /// (memory measurements).
+    static LAST_SUSPEND_DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// C stack bytes the last suspended fiber of this thread had in use.
+pub(crate) fn last_suspend_depth() -> usize {
+    LAST_SUSPEND_DEPTH.with(|c| c.get())
 }
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
@@ -200,6 +211,8 @@ impl Fiber {
             owner_ts: std::ptr::null_mut(),
             body: Some(body),
             guarded: false,
+            stack_top: 0,
+            chunk: 0,
         })
     }
 
@@ -211,6 +224,11 @@ impl Fiber {
 
     pub(crate) fn guarded(&self) -> bool {
         self.guarded
+    }
+
+    /// (C stack top, data-stack chunk start) of a started fiber.
+    pub(crate) fn stack_addresses(&self) -> (usize, usize) {
+        (self.stack_top, self.chunk)
     }
 
     /// GC support: visit what the fiber owns while it is not running (the
@@ -405,6 +423,11 @@ unsafe fn start(fp: *mut Fiber, ts: *mut ffi::PyThreadState) -> PyResult<()> {
         _ => std::ptr::null_mut(),
     };
     (*fp).guarded = stack.guarded();
+    (*fp).stack_top = {
+        use corosensei::stack::Stack;
+        stack.base().get()
+    };
+    (*fp).chunk = chunk as usize;
     let body = (*fp).body.take().expect("fiber body");
     let addr = fp as usize;
     let co: Co = Coroutine::with_stack(stack, move |y: &Yielder<In, Out>, first: In| {
@@ -535,6 +558,9 @@ pub(crate) fn stop_iteration_value(py: Python<'_>, err: PyErr) -> Outcome {
 #[inline]
 pub(crate) unsafe fn suspend(fp: *mut Fiber, out: Out) -> In {
     debug_assert!(fp == current());
+    let x = 0u8;
+    let sp = std::hint::black_box(&x) as *const u8 as usize;
+    LAST_SUSPEND_DEPTH.with(|c| c.set((*fp).stack_top.saturating_sub(sp)));
     let y = (*fp).yielder;
     (*y).suspend(out)
 }
@@ -668,7 +694,9 @@ pub(crate) unsafe fn kill(py: Python<'_>, fp: *mut Fiber, what: &str) -> Option<
     None
 }
 
-/// Idle runner fibers kept per thread for coroutine steps.
+/// Idle runner fibers kept per thread for coroutine steps. Boxed: a fiber's
+/// address is captured by its coroutine and must not move.
+#[allow(clippy::vec_box)]
 struct IdleRunners(Vec<Box<Fiber>>);
 
 /// Runners kept idle per thread.

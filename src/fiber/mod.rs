@@ -21,13 +21,14 @@
 //! Recursion budgets (why a fiber raises RecursionError instead of
 //! crashing): a fiber starts at Python recursion depth 0 with the thread's
 //! recursion limit. On 3.10 every Python call uses C stack, on 3.11 calls
-//! through C code do, and both are counted against that one limit; at the
-//! default limit (1000) the worst C stack use we measured per level
-//! (`BYTES_PER_LEVEL`, a `sorted(key=...)` recursion) fits in the 8 MiB
-//! default fiber stack, the same size a thread gets. 3.12+ count C-level
-//! recursion separately against a fixed budget that assumes a thread's
-//! 8 MiB stack; a fiber gets `(stack - RESERVE) / BYTES_PER_LEVEL`, capped
-//! at the thread default.
+//! through C code do, and both are counted against that one limit: with
+//! `BYTES_PER_LEVEL` per unit the 8 MiB default fiber stack (what a thread
+//! gets) covers recursion limits up to ~2000, twice the default, like a
+//! thread. 3.12+ count C-level recursion separately against a fixed budget
+//! that assumes a thread's 8 MiB stack (1500 units on 3.12, 10000 on 3.13,
+//! which can overflow a thread's stack through heavy C paths); a fiber gets
+//! `(stack - RESERVE) / BYTES_PER_LEVEL` units (2016 at 8 MiB), capped at
+//! the thread default, whatever the Python recursion limit is.
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
@@ -43,11 +44,15 @@ const DEFAULT_STACK: usize = 8 << 20;
 const MIN_STACK: usize = 256 << 10;
 /// Largest stack `TOKIOLOOP_FIBER_STACK_KB` may ask for.
 const MAX_STACK: usize = 1 << 30;
-/// Frame data-stack root chunk at the top of each slot (3.11+).
-const CHUNK: usize = 16 << 10;
-/// Worst C stack bytes per recursion unit/level we measured, with margin
-/// (benchmarks/anywhere/measure_stack.py).
-const BYTES_PER_LEVEL: usize = 6 << 10;
+/// Pages at the top of each slot for the frame data-stack root chunk
+/// (3.11+; CPython's own chunks are 16 KiB). See stack::Geometry.
+const CHUNK_PAGES: usize = 5;
+/// C stack bytes assumed per counted recursion unit: 3.12+ C recursion
+/// units, 3.10/3.11 recursion-limit units. The worst we measured on
+/// 3.10-3.13 is 1.65 KB (`sorted(key=...)`; ctypes callbacks 0.96 KB,
+/// sqlite3 functions 0.56 KB, most paths 0.2-0.7 KB), see
+/// benchmarks/anywhere/measure_stack.py; 4 KiB leaves a 2.4x margin.
+const BYTES_PER_LEVEL: usize = 4 << 10;
 /// C stack kept free below the deepest budgeted level: our own frames, a
 /// signal handler, and the overshoot of the last level.
 const RESERVE: usize = 128 << 10;
@@ -71,22 +76,22 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     };
     let minor = (version >> 16) & 0xff;
     let stack_size = stack_size_from_env();
-    let chunk_size = if minor >= 11 { CHUNK } else { 0 };
+    let chunk_pages = if minor >= 11 { CHUNK_PAGES } else { 0 };
     let c_budget = if minor >= 12 {
         let fit = (stack_size.saturating_sub(RESERVE) / BYTES_PER_LEVEL) as i32;
         fit.min(c_default).max(1)
     } else {
         0
     };
-    let cfg = core::set_config(core::Config {
+    let geometry = stack::init_geometry(stack_size, chunk_pages);
+    core::set_config(core::Config {
         c_budget,
         c_default,
         bytes_per_level: BYTES_PER_LEVEL,
-        stack_size,
-        chunk_size,
+        stack_size: geometry.stack_size,
+        chunk_size: geometry.chunk_size,
         py_version: version,
     });
-    stack::init_geometry(cfg.stack_size, cfg.chunk_size);
     anywhere::register(m)?;
     pyfiber::register(m)?;
     Ok(())

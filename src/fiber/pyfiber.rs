@@ -10,12 +10,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::anywhere::exc_from_throw_args;
+use super::anywhere::{exc_from_throw_args, with_obj};
 use super::core::{self, Body, Fiber, In, Kind, Out, Resumed, Ret, Status};
 use super::shim;
 use super::stack;
 
-#[pyclass(frozen, module = "tokioloop._tokioloop", name = "Fiber")]
+#[pyclass(frozen, weakref, module = "tokioloop._tokioloop", name = "Fiber")]
 pub(crate) struct PyFiber {
     inner: UnsafeCell<Box<Fiber>>,
 }
@@ -190,6 +190,31 @@ fn _fiber_sp() -> usize {
     std::hint::black_box(&x) as *const u8 as usize
 }
 
+/// (C stack bytes in use at the caller, data-stack bytes in use, address of
+/// the C stack top) on the current fiber, for memory measurements; None
+/// outside fibers.
+#[pyfunction]
+fn _fiber_stack_use() -> Option<(usize, usize, usize)> {
+    let fp = core::current();
+    if fp.is_null() {
+        return None;
+    }
+    let x = 0u8;
+    let sp = std::hint::black_box(&x) as *const u8 as usize;
+    // SAFETY: a non-null CURRENT is the live fiber this code runs on; the
+    // thread state read is the current one (GIL held in a pyfunction).
+    unsafe {
+        let (top, chunk) = (*fp).stack_addresses();
+        let ds = shim::tlf_datastack_top(ffi::PyThreadState_Get()) as usize;
+        let ds_used = if chunk != 0 && ds >= chunk {
+            ds - chunk
+        } else {
+            0
+        };
+        Some((top.saturating_sub(sp), ds_used, top))
+    }
+}
+
 /// Decommit this thread's cached fiber stacks (for memory measurements).
 #[pyfunction]
 fn _fiber_flush_cache() {
@@ -203,6 +228,7 @@ fn fiber_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let c = core::config();
     let g = stack::geometry();
     let s = core::pool_stats();
+    d.set_item("python_version_hex", c.py_version)?;
     d.set_item("stack_size", c.stack_size)?;
     d.set_item("chunk_size", c.chunk_size)?;
     d.set_item("c_budget", c.c_budget)?;
@@ -218,16 +244,42 @@ fn fiber_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("leaked_slots", s.leaked_slots)?;
     d.set_item("leaked_fibers", core::leaked_count())?;
     d.set_item("idle_runners", core::idle_runner_count())?;
+    d.set_item("last_suspend_depth", core::last_suspend_depth())?;
     Ok(d)
+}
+
+/// tp_finalize (PEP 442): the cyclic GC unwinds a suspended fiber before it
+/// clears anything.
+unsafe extern "C" fn fiber_finalize(obj: *mut ffi::PyObject) {
+    let py = Python::assume_attached();
+    let saved = PyErr::take(py);
+    with_obj::<PyFiber, _>(obj, |py, f| {
+        let fp = f.fp();
+        if (*fp).status == Status::Suspended {
+            if let Some(e) = core::kill(py, fp, "a suspended Fiber") {
+                e.write_unraisable(py, None);
+            }
+        }
+    });
+    if let Some(e) = saved {
+        e.restore(py);
+    }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyFiber>()?;
+    // SAFETY: GIL held; the heap type was just created and has no instance.
+    unsafe {
+        let tp = m.py().get_type::<PyFiber>().as_type_ptr();
+        (*tp).tp_finalize = Some(fiber_finalize);
+        ffi::PyType_Modified(tp);
+    }
     m.add_function(wrap_pyfunction!(fiber_suspend, m)?)?;
     m.add_function(wrap_pyfunction!(fiber_info, m)?)?;
     m.add_function(wrap_pyfunction!(_fiber_py_depth, m)?)?;
     m.add_function(wrap_pyfunction!(_fiber_c_remaining, m)?)?;
     m.add_function(wrap_pyfunction!(_fiber_sp, m)?)?;
     m.add_function(wrap_pyfunction!(_fiber_flush_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(_fiber_stack_use, m)?)?;
     Ok(())
 }

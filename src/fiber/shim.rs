@@ -38,6 +38,7 @@ extern "C" {
     pub(crate) fn tlf_context_ensure(ts: *mut ffi::PyThreadState) -> *mut ffi::PyObject;
     pub(crate) fn tlf_py_depth(ts: *mut ffi::PyThreadState) -> c_int;
     pub(crate) fn tlf_c_remaining(ts: *mut ffi::PyThreadState) -> c_int;
+    pub(crate) fn tlf_datastack_top(ts: *mut ffi::PyThreadState) -> *mut c_void;
     fn tlf_state_top_frame(s: *mut RawState, ts: *mut ffi::PyThreadState) -> *mut ffi::PyObject;
 }
 
@@ -48,13 +49,17 @@ pub(crate) const RESUMER_STATE_WORDS: usize = 64;
 /// Storage for the resumer's state during a switch: lives on the resumer's
 /// own stack for exactly one `resume()` call (switches are asymmetric, so
 /// resumer states nest LIFO).
+/// Uninitialised: `tlf_switch` writes every field before the second switch
+/// reads it back.
 #[repr(C, align(16))]
-pub(crate) struct ResumerState([u64; RESUMER_STATE_WORDS]);
+pub(crate) struct ResumerState(std::mem::MaybeUninit<[u64; RESUMER_STATE_WORDS]>);
 
 impl ResumerState {
+    #[inline]
     pub(crate) fn new() -> Self {
-        ResumerState([0; RESUMER_STATE_WORDS])
+        ResumerState(std::mem::MaybeUninit::uninit())
     }
+    #[inline]
     pub(crate) fn as_raw(&mut self) -> *mut RawState {
         self.0.as_mut_ptr().cast()
     }
@@ -75,13 +80,23 @@ pub(crate) fn check_layout() -> Result<(), String> {
 
 /// A fiber's own state block (heap, stable address: the C block contains the
 /// fiber's root CFrame, which the fiber's eval loops link to by address).
-pub(crate) struct StateBlock(NonNull<u64>);
+pub(crate) struct StateBlock(NonNull<u8>);
+
+fn state_layout() -> std::alloc::Layout {
+    // SAFETY: pure function returning a compile-time constant.
+    let size = unsafe { tlf_state_size() };
+    std::alloc::Layout::from_size_align(size, 16).expect("state block layout")
+}
 
 impl StateBlock {
     pub(crate) fn new() -> Self {
-        let b: Box<[u64; RESUMER_STATE_WORDS]> = Box::new([0; RESUMER_STATE_WORDS]);
-        // SAFETY: Box::into_raw never returns null.
-        StateBlock(unsafe { NonNull::new_unchecked(Box::into_raw(b).cast()) })
+        let layout = state_layout();
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        match NonNull::new(p) {
+            Some(p) => StateBlock(p),
+            None => std::alloc::handle_alloc_error(layout),
+        }
     }
 
     pub(crate) fn raw(&self) -> *mut RawState {

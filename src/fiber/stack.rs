@@ -59,11 +59,13 @@ pub(crate) struct Geometry {
     pub(crate) page: usize,
     /// Bytes of C stack (excluding the guard page and the chunk region).
     pub(crate) stack_size: usize,
-    /// Bytes at the top of the slot holding the frame data-stack root chunk
-    /// (3.11+), 0 on 3.10.
+    /// Bytes of the frame data-stack root chunk at the top of the slot
+    /// (3.11+), 0 on 3.10. Not a multiple of the page size on purpose: the
+    /// chunk starts `C_SHARE` bytes into a page, and the C stack grows down
+    /// from the same address, so a shallow suspended fiber touches one page
+    /// for both.
     pub(crate) chunk_size: usize,
-    /// Offset of the C stack top below the chunk (so that the first touched
-    /// C stack bytes and the first chunk bytes share one page).
+    /// Guard page + C stack + chunk region (page multiple).
     pub(crate) slot_size: usize,
     /// Guarded slots allowed before slabs go unguarded.
     pub(crate) guard_budget: usize,
@@ -71,8 +73,15 @@ pub(crate) struct Geometry {
 
 static GEOMETRY: OnceLock<Geometry> = OnceLock::new();
 
-/// Sets up the geometry once per process (module init).
-pub(crate) fn init_geometry(stack_size: usize, chunk_size: usize) -> Geometry {
+/// Bytes of C stack that share the first touched page with the chunk. A
+/// fiber that ran into `await_` and suspended has touched at most 2.4-3.0
+/// KiB of C stack (3.11-3.13; 1.6-2.0 KiB in use while suspended); its
+/// first Python frames take ~100-200 bytes of chunk each.
+const C_SHARE: usize = 3200;
+
+/// Sets up the geometry once per process (module init). `chunk_pages` is
+/// the chunk region in pages (0 on 3.10).
+pub(crate) fn init_geometry(stack_size: usize, chunk_pages: usize) -> Geometry {
     *GEOMETRY.get_or_init(|| {
         // SAFETY: sysconf has no preconditions.
         let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
@@ -81,7 +90,12 @@ pub(crate) fn init_geometry(stack_size: usize, chunk_size: usize) -> Geometry {
         };
         let round = |n: usize| n.div_ceil(page) * page;
         let stack_size = round(stack_size);
-        let chunk_size = round(chunk_size);
+        let chunk_region = chunk_pages * page;
+        let chunk_size = if chunk_pages == 0 {
+            0
+        } else {
+            chunk_region - C_SHARE
+        };
         let max_maps = std::fs::read_to_string("/proc/sys/vm/max_map_count")
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
@@ -90,7 +104,7 @@ pub(crate) fn init_geometry(stack_size: usize, chunk_size: usize) -> Geometry {
             page,
             stack_size,
             chunk_size,
-            slot_size: page + stack_size + chunk_size,
+            slot_size: page + stack_size + chunk_region,
             guard_budget: max_maps / 8,
         }
     })
