@@ -5,11 +5,17 @@
  *
  * CPython keeps "where the interpreter is" in the PyThreadState: the frame
  * chain, the frame data stack (3.11+), the recursion counters, the exception
- * being handled, the current contextvars Context, the trashcan state. A
- * fiber owns its own copy of all of these. `tlf_switch()` moves the live
- * values out of the thread state into one `tlf_state` block and installs
- * another block's values; it is called twice per resume, both times on the
- * resumer's side (see core.rs), and never with a Python error set.
+ * being handled, the trashcan state. A fiber owns its own copy of all of
+ * these. `tlf_switch_in()` moves the resumer's values out of the thread
+ * state into a block on the resumer's stack and installs the fiber's;
+ * `tlf_switch_out()` does the reverse. Both run on the resumer's side (see
+ * core.rs), never with a Python error set.
+ *
+ * The contextvars Context is the exception: a fiber runs in the Context of
+ * whoever resumes it (like a coroutine, which runs in its awaiter's
+ * Context), so a task and the synchronous code it runs on a fiber share one
+ * Context object. Only a fiber that suspends inside `Context.run()` of
+ * another Context keeps that one (in its block) until it is resumed.
  *
  * Everything touched here is declared in Include/cpython/pystate.h for
  * 3.10-3.13, so no Py_BUILD_CORE is needed. The layout of PyThreadState
@@ -60,8 +66,12 @@ typedef _PyCFrame tlf_cframe;
 #endif
 
 typedef struct tlf_state {
-    /* contextvars: the fiber's current Context (strong reference). */
+    /* contextvars. Fiber blocks: NULL (runs in its resumer's Context) or the
+       Context it was suspended in, if that differed from its resumer's
+       (strong reference). Resumer blocks: the resumer's Context, borrowed
+       (context_owned == 0) or owned (1). */
     PyObject *context;
+    int context_owned;
     /* sys.exc_info(): contents of the bottom exception slot (strong
        references) and the innermost slot pointer (NULL = the bottom slot of
        the thread state). */
@@ -125,8 +135,8 @@ int tlf_is_finalizing(void)
 }
 
 /* Prepare the state block of a fiber that has not run yet.
-   `context` is stolen (NULL: the fiber starts without a Context and CPython
-   creates one lazily). `c_budget` is the C recursion budget (3.12+).
+   `context` is stolen (NULL: the fiber runs in its resumer's Context).
+   `c_budget` is the C recursion budget (3.12+).
    `chunk`/`chunk_size`: memory for the root frame data-stack chunk (3.11+),
    or NULL to let CPython allocate one on first use. */
 void tlf_state_init(tlf_state *s, PyThreadState *ts, PyObject *context, int c_budget,
@@ -171,7 +181,6 @@ void tlf_state_init(tlf_state *s, PyThreadState *ts, PyObject *context, int c_bu
 
 static inline void tlf_save(tlf_state *s, PyThreadState *ts)
 {
-    s->context = ts->context; /* moves the reference */
     s->exc_info = ts->exc_info;
     s->exc_state = ts->exc_state; /* moves the references */
 #if TLF_310
@@ -212,9 +221,6 @@ static inline void tlf_save(tlf_state *s, PyThreadState *ts)
 
 static inline void tlf_restore(tlf_state *s, PyThreadState *ts)
 {
-    ts->context = s->context;
-    s->context = NULL;
-    ts->context_ver++; /* invalidates ContextVar lookup caches */
     ts->exc_state = s->exc_state;
     memset(&s->exc_state, 0, sizeof(s->exc_state));
     ts->exc_info = s->exc_info ? s->exc_info : &ts->exc_state;
@@ -257,8 +263,8 @@ static inline void tlf_restore(tlf_state *s, PyThreadState *ts)
 
 /* Move the live thread state into `out` and install `in`. Tracing on/off is
    a per-thread setting, so on 3.10/3.11 (where it lives in the innermost
-   CFrame) it is carried over to the incoming side. No Python API call. */
-void tlf_switch(PyThreadState *ts, tlf_state *out, tlf_state *in)
+   CFrame) it is carried over to the incoming side. */
+static inline void tlf_swap(PyThreadState *ts, tlf_state *out, tlf_state *in)
 {
 #if TLF_CFRAME_TRACING
     int use_tracing = ts->cframe->use_tracing;
@@ -268,6 +274,48 @@ void tlf_switch(PyThreadState *ts, tlf_state *out, tlf_state *in)
 #if TLF_CFRAME_TRACING
     ts->cframe->use_tracing = use_tracing;
 #endif
+}
+
+/* Resumer side, before switching stacks to `fiber`: save the resumer's state
+   into `resumer` (a block on the resumer's stack) and install the fiber's.
+   The Context stays unless the fiber carries its own. No Python API call,
+   no reference count reaches zero. */
+void tlf_switch_in(PyThreadState *ts, tlf_state *resumer, tlf_state *fiber)
+{
+    tlf_swap(ts, resumer, fiber);
+    resumer->context = ts->context;
+    if (fiber->context == NULL) {
+        resumer->context_owned = 0; /* borrowed: the thread state keeps it */
+    } else {
+        resumer->context_owned = 1; /* moved out of the thread state */
+        ts->context = fiber->context;
+        fiber->context = NULL;
+        ts->context_ver++; /* invalidates ContextVar lookup caches */
+    }
+}
+
+/* Resumer side, after the fiber switched back (suspended or finished): save
+   the fiber's state and reinstall the resumer's. If the fiber's current
+   Context is not the resumer's (it suspended inside Context.run() of another
+   one), the fiber keeps it. No Python API call, no reference count reaches
+   zero (the only decref is of a Context the thread state also holds). */
+void tlf_switch_out(PyThreadState *ts, tlf_state *fiber, tlf_state *resumer)
+{
+    PyObject *mine = resumer->context;
+    PyObject *cur = ts->context;
+    tlf_swap(ts, fiber, resumer);
+    if (cur == mine) {
+        fiber->context = NULL;
+        if (resumer->context_owned) {
+            Py_DECREF(mine); /* the thread state holds it too */
+        }
+    } else {
+        fiber->context = cur; /* moves the thread state's reference */
+        ts->context = resumer->context_owned ? mine : Py_XNewRef(mine);
+        ts->context_ver++;
+    }
+    resumer->context = NULL;
+    resumer->context_owned = 0;
 }
 
 /* After the fiber returned and its final state was switched out into `s`:
@@ -321,19 +369,12 @@ int tlf_state_refs(tlf_state *s, PyObject **out)
     return n;
 }
 
-/* Replace the block's Context (steals `ctx`, may be NULL). Used by runner
-   fibers, which take the Context of whoever resumes them for each step. */
-void tlf_state_set_context(tlf_state *s, PyObject *ctx)
-{
-    PyObject *old = s->context;
-    s->context = ctx;
-    Py_XDECREF(old);
-}
-
 /* True if a switched-out block is back at its bottom: no frames, no handled
-   exception, depth 0. Runner fibers must be in this state between steps. */
+   exception, no Context of its own, depth 0. Runner fibers must be in this
+   state between steps. */
 int tlf_state_is_idle(tlf_state *s)
 {
+    if (s->context != NULL) return 0;
 #if TLF_310
     if (s->frame != NULL) return 0;
     if (s->exc_state.exc_type != NULL || s->exc_state.exc_traceback != NULL) return 0;
@@ -344,21 +385,21 @@ int tlf_state_is_idle(tlf_state *s)
     return s->py_depth == 0;
 }
 
-/* The current thread's Context as a new reference, creating an empty one
-   (installed in the thread state, as CPython itself does lazily) if the
-   thread has none yet, so that a fiber and its resumer share one object. */
-PyObject *tlf_context_ensure(PyThreadState *ts)
+/* Makes sure the thread has a Context (creating an empty one, as CPython
+   itself does lazily), so that a fiber started now and its resumer share
+   one object even if the fiber is the first to set a variable. Returns -1
+   with an exception set on failure. */
+int tlf_context_ensure(PyThreadState *ts)
 {
     if (ts->context == NULL) {
         PyObject *ctx = PyContext_New();
         if (ctx == NULL) {
-            return NULL;
+            return -1;
         }
         ts->context = ctx;
         ts->context_ver++;
     }
-    Py_INCREF(ts->context);
-    return ts->context;
+    return 0;
 }
 
 /* Python recursion depth of the running code (for tests). */

@@ -152,7 +152,7 @@ unsafe fn await_in_fiber(
 #[pyo3(name = "await_")]
 pub(crate) fn await_(py: Python<'_>, awaitable: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     let fp = core::current();
-    // SAFETY: a non-null CURRENT is the live fiber this code runs on.
+    // SAFETY: a non-null current() is the live fiber this code runs on.
     if !fp.is_null() && unsafe { (*fp).kind } == Kind::Await {
         // SAFETY: fp == current(), GIL held.
         return unsafe { await_in_fiber(py, fp, awaitable) };
@@ -172,7 +172,7 @@ pub(crate) fn fiber_kind() -> Option<&'static str> {
     if fp.is_null() {
         None
     } else {
-        // SAFETY: a non-null CURRENT is the live fiber this code runs on.
+        // SAFETY: a non-null current() is the live fiber this code runs on.
         Some(match unsafe { (*fp).kind } {
             Kind::Plain => "plain",
             Kind::Await => "await",

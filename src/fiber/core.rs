@@ -6,11 +6,13 @@
 //! side, around `Coroutine::resume` (see [`resume`]): the resumer's own
 //! state is saved into a buffer on its own stack, the fiber's block is
 //! installed, the stacks are switched, and on the way back the reverse.
-//! Nothing between the two `tlf_switch` calls may call into Python (an
-//! allocation could run the GC, a finalizer, and a nested switch).
+//! Nothing between `tlf_switch_in` and `tlf_switch_out` may call into
+//! Python (an allocation could run the GC, a finalizer, and a nested
+//! switch). A fiber runs in its resumer's contextvars Context (see the C
+//! shim), so a task and the sync code it runs share one Context.
 //!
 //! Invariants:
-//! * `CURRENT` is the fiber whose stack the thread is executing (null: the
+//! * `current()` is the fiber whose stack the thread is executing (null: the
 //!   thread's own stack). Only that fiber may call [`suspend`].
 //! * A fiber is bound to the OS thread (and PyThreadState) that first ran it;
 //!   it is never resumed anywhere else: suspended eval-loop frames on its
@@ -162,41 +164,67 @@ pub(crate) fn set_config(c: Config) -> &'static Config {
     CONFIG.get_or_init(|| c)
 }
 
-thread_local! {
-    static CURRENT: Cell<*mut Fiber> = const { Cell::new(std::ptr::null_mut()) };
-    static THREAD_TOKEN: Cell<u64> = const { Cell::new(0) };
-    static IDLE: RefCell<IdleRunners> = const { RefCell::new(IdleRunners(Vec::new())) };
-    /// C stack bytes in use at the last suspension on this thread
-    /// (memory measurements).
-    static LAST_SUSPEND_DEPTH: Cell<usize> = const { Cell::new(0) };
+/// Per-thread fiber state, in one thread-local so that a resume costs one
+/// TLS lookup (`__tls_get_addr` in a shared library). No destructor, so no
+/// lazy-registration check on access.
+struct FiberTls {
+    /// The fiber whose stack the thread is running on (null: its own stack).
+    current: Cell<*mut Fiber>,
+    /// Process-unique id of the thread (0: not assigned yet).
+    token: Cell<u64>,
 }
 
-/// C stack bytes the last suspended fiber of this thread had in use.
-pub(crate) fn last_suspend_depth() -> usize {
-    LAST_SUSPEND_DEPTH.with(|c| c.get())
+thread_local! {
+    static FTLS: FiberTls = const {
+        FiberTls {
+            current: Cell::new(std::ptr::null_mut()),
+            token: Cell::new(0),
+        }
+    };
+    static IDLE: RefCell<IdleRunners> = const { RefCell::new(IdleRunners(Vec::new())) };
+}
+
+/// C stack bytes in use at the last suspension (memory measurements only;
+/// process-wide, last writer wins).
+static LAST_SUSPEND_DEPTH: AtomicU64 = AtomicU64::new(0);
+
+/// C stack bytes the last suspended fiber had in use.
+pub(crate) fn last_suspend_depth() -> u64 {
+    LAST_SUSPEND_DEPTH.load(Ordering::Relaxed)
 }
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 
+#[inline]
+fn ftls() -> *const FiberTls {
+    FTLS.with(|t| t as *const FiberTls)
+}
+
+/// # Safety
+/// `t` comes from `ftls()` on the calling thread.
+#[inline]
+unsafe fn token_of(t: *const FiberTls) -> u64 {
+    let v = (*t).token.get();
+    if v != 0 {
+        v
+    } else {
+        let v = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        (*t).token.set(v);
+        v
+    }
+}
+
 /// A process-unique id of the calling OS thread (never reused, unlike
 /// PyThreadState addresses and pthread ids).
 pub(crate) fn thread_token() -> u64 {
-    THREAD_TOKEN.with(|t| {
-        let v = t.get();
-        if v != 0 {
-            v
-        } else {
-            let v = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-            t.set(v);
-            v
-        }
-    })
+    // SAFETY: the pointer is this thread's own, used at once.
+    unsafe { token_of(ftls()) }
 }
 
 /// The fiber whose stack this thread is running on (null: none).
 #[inline]
 pub(crate) fn current() -> *mut Fiber {
-    CURRENT.with(|c| c.get())
+    FTLS.with(|t| t.current.get())
 }
 
 impl Fiber {
@@ -323,6 +351,7 @@ fn not_resumable(msg: &str) -> PyErr {
 /// until this call returns.
 pub(crate) unsafe fn resume(py: Python<'_>, fp: *mut Fiber, msg: In) -> PyResult<Resumed> {
     let ts = ffi::PyThreadState_Get();
+    let tls = ftls();
     match (*fp).status {
         Status::Running => return Err(not_resumable("fiber is already running")),
         Status::Done => {
@@ -350,7 +379,7 @@ pub(crate) unsafe fn resume(py: Python<'_>, fp: *mut Fiber, msg: In) -> PyResult
             }
         }
         Status::Suspended => {
-            if (*fp).owner_tid != thread_token() || (*fp).owner_ts != ts {
+            if (*fp).owner_tid != token_of(tls) || (*fp).owner_ts != ts {
                 return Err(not_resumable(
                     "cannot resume a fiber from a thread other than the one that started it \
                      (fibers are bound to their OS thread)",
@@ -361,15 +390,15 @@ pub(crate) unsafe fn resume(py: Python<'_>, fp: *mut Fiber, msg: In) -> PyResult
 
     let mut co = (*fp).co.take().expect("fiber without a coroutine");
     let mut saved = ResumerState::new();
-    let prev = CURRENT.with(|c| c.replace(fp));
+    let prev = (*tls).current.replace(fp);
     (*fp).status = Status::Running;
     debug_assert!(ffi::PyErr_Occurred().is_null());
-    // ---- switch window: no Python API calls until the second tlf_switch ----
-    shim::tlf_switch(ts, saved.as_raw(), (*fp).state.raw());
+    // ---- switch window: no Python API calls until tlf_switch_out ----
+    shim::tlf_switch_in(ts, saved.as_raw(), (*fp).state.raw());
     let r = catch_unwind(AssertUnwindSafe(|| co.resume(msg)));
-    shim::tlf_switch(ts, (*fp).state.raw(), saved.as_raw());
+    shim::tlf_switch_out(ts, (*fp).state.raw(), saved.as_raw());
     // ---- end of switch window ----
-    CURRENT.with(|c| c.set(prev));
+    (*tls).current.set(prev);
 
     match r {
         Ok(CoroutineResult::Yield(out)) => {
@@ -409,19 +438,11 @@ unsafe fn start(fp: *mut Fiber, ts: *mut ffi::PyThreadState) -> PyResult<()> {
     } else {
         (std::ptr::null_mut(), 0)
     };
-    let context = match (*fp).body {
-        // run_anywhere and plain fibers share the Context of their first
-        // resumer (one object: values set on either side are seen by the
-        // other). Runners take their resumer's Context at every step.
-        Some(Body::Call { .. }) => {
-            let c = shim::tlf_context_ensure(ts);
-            if c.is_null() {
-                return Err(PyErr::fetch(Python::assume_attached()));
-            }
-            c
-        }
-        _ => std::ptr::null_mut(),
-    };
+    // The fiber will run in its resumer's Context; make sure there is one,
+    // so that a variable the fiber sets first lands in the shared object.
+    if shim::tlf_context_ensure(ts) != 0 {
+        return Err(PyErr::fetch(Python::assume_attached()));
+    }
     (*fp).guarded = stack.guarded();
     (*fp).stack_top = {
         use corosensei::stack::Stack;
@@ -435,7 +456,7 @@ unsafe fn start(fp: *mut Fiber, ts: *mut ffi::PyThreadState) -> PyResult<()> {
     });
     (*fp)
         .state
-        .init(ts, context, cfg.c_budget, chunk, chunk_size);
+        .init(ts, std::ptr::null_mut(), cfg.c_budget, chunk, chunk_size);
     (*fp).owner_tid = thread_token();
     (*fp).owner_ts = ts;
     (*fp).co = Some(co);
@@ -560,7 +581,7 @@ pub(crate) unsafe fn suspend(fp: *mut Fiber, out: Out) -> In {
     debug_assert!(fp == current());
     let x = 0u8;
     let sp = std::hint::black_box(&x) as *const u8 as usize;
-    LAST_SUSPEND_DEPTH.with(|c| c.set((*fp).stack_top.saturating_sub(sp)));
+    LAST_SUSPEND_DEPTH.store((*fp).stack_top.saturating_sub(sp) as u64, Ordering::Relaxed);
     let y = (*fp).yielder;
     (*y).suspend(out)
 }
@@ -742,41 +763,21 @@ pub(crate) fn take_runner() -> Box<Fiber> {
 /// # Safety
 /// GIL held; `f` is idle (its last resume returned StepDone) and owned by
 /// this thread.
-pub(crate) unsafe fn release_runner(py: Python<'_>, mut f: Box<Fiber>) {
-    // Drop the Context the last step ran in.
-    f.state.set_context(std::ptr::null_mut());
+pub(crate) unsafe fn release_runner(py: Python<'_>, f: Box<Fiber>) {
     debug_assert!(f.state.is_idle());
-    let keep = IDLE.with(|i| {
-        let i = i.borrow_mut();
+    let extra = IDLE.with(|i| {
+        let mut i = i.borrow_mut();
         if i.0.len() < IDLE_RUNNERS {
-            Some(())
-        } else {
+            i.0.push(f);
             None
+        } else {
+            Some(f)
         }
     });
-    if keep.is_some() {
-        IDLE.with(|i| i.borrow_mut().0.push(f));
-    } else {
+    if let Some(mut f) = extra {
         let fp: *mut Fiber = &mut *f;
         let _ = resume(py, fp, In::Quit);
     }
-}
-
-/// Prepares a runner for a step: it runs in its resumer's Context.
-///
-/// # Safety
-/// GIL held, `f` idle and switched out.
-pub(crate) unsafe fn runner_enter_context(f: &mut Fiber) -> PyResult<()> {
-    if f.status == Status::New {
-        // The context is installed after `start`, see resume_runner_step.
-        return Ok(());
-    }
-    let ctx = shim::tlf_context_ensure(ffi::PyThreadState_Get());
-    if ctx.is_null() {
-        return Err(PyErr::fetch(Python::assume_attached()));
-    }
-    f.state.set_context(ctx);
-    Ok(())
 }
 
 /// Runs one coroutine step on runner `f`.
@@ -790,12 +791,10 @@ pub(crate) unsafe fn resume_runner_step(
 ) -> PyResult<Resumed> {
     let fp: *mut Fiber = f;
     if (*fp).status == Status::New {
-        // Start the runner with an empty message loop: the first resume runs
-        // the step directly, after installing the Context.
+        // The coroutine's first resume delivers the step to runner_loop.
         start(fp, ffi::PyThreadState_Get())?;
         (*fp).status = Status::Suspended;
     }
-    runner_enter_context(&mut *fp)?;
     resume(py, fp, In::Step(step))
 }
 

@@ -154,7 +154,7 @@ impl Drop for PyFiber {
 #[pyo3(signature = (value = None))]
 fn fiber_suspend(py: Python<'_>, value: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
     let fp = core::current();
-    // SAFETY: a non-null CURRENT is the live fiber this code runs on.
+    // SAFETY: a non-null current() is the live fiber this code runs on.
     if fp.is_null() || unsafe { (*fp).kind } != Kind::Plain {
         return Err(PyRuntimeError::new_err(
             "fiber_suspend() called outside of a plain Fiber",
@@ -201,7 +201,7 @@ fn _fiber_stack_use() -> Option<(usize, usize, usize)> {
     }
     let x = 0u8;
     let sp = std::hint::black_box(&x) as *const u8 as usize;
-    // SAFETY: a non-null CURRENT is the live fiber this code runs on; the
+    // SAFETY: a non-null current() is the live fiber this code runs on; the
     // thread state read is the current one (GIL held in a pyfunction).
     unsafe {
         let (top, chunk) = (*fp).stack_addresses();

@@ -30,12 +30,20 @@ extern "C" {
         chunk: *mut c_void,
         chunk_size: usize,
     );
-    pub(crate) fn tlf_switch(ts: *mut ffi::PyThreadState, out: *mut RawState, inn: *mut RawState);
+    pub(crate) fn tlf_switch_in(
+        ts: *mut ffi::PyThreadState,
+        resumer: *mut RawState,
+        fiber: *mut RawState,
+    );
+    pub(crate) fn tlf_switch_out(
+        ts: *mut ffi::PyThreadState,
+        fiber: *mut RawState,
+        resumer: *mut RawState,
+    );
     fn tlf_state_finish(s: *mut RawState);
     fn tlf_state_refs(s: *mut RawState, out: *mut *mut ffi::PyObject) -> c_int;
-    fn tlf_state_set_context(s: *mut RawState, ctx: *mut ffi::PyObject);
     fn tlf_state_is_idle(s: *mut RawState) -> c_int;
-    pub(crate) fn tlf_context_ensure(ts: *mut ffi::PyThreadState) -> *mut ffi::PyObject;
+    pub(crate) fn tlf_context_ensure(ts: *mut ffi::PyThreadState) -> c_int;
     pub(crate) fn tlf_py_depth(ts: *mut ffi::PyThreadState) -> c_int;
     pub(crate) fn tlf_c_remaining(ts: *mut ffi::PyThreadState) -> c_int;
     pub(crate) fn tlf_datastack_top(ts: *mut ffi::PyThreadState) -> *mut c_void;
@@ -49,8 +57,7 @@ pub(crate) const RESUMER_STATE_WORDS: usize = 64;
 /// Storage for the resumer's state during a switch: lives on the resumer's
 /// own stack for exactly one `resume()` call (switches are asymmetric, so
 /// resumer states nest LIFO).
-/// Uninitialised: `tlf_switch` writes every field before the second switch
-/// reads it back.
+/// Uninitialised: `tlf_switch_in` writes every field `tlf_switch_out` reads.
 #[repr(C, align(16))]
 pub(crate) struct ResumerState(std::mem::MaybeUninit<[u64; RESUMER_STATE_WORDS]>);
 
@@ -132,12 +139,6 @@ impl StateBlock {
         let mut out = [std::ptr::null_mut(); 4];
         let n = tlf_state_refs(self.raw(), out.as_mut_ptr());
         (out, n as usize)
-    }
-
-    /// # Safety
-    /// GIL held, block switched out; `ctx` owned or null.
-    pub(crate) unsafe fn set_context(&mut self, ctx: *mut ffi::PyObject) {
-        tlf_state_set_context(self.raw(), ctx);
     }
 
     /// # Safety

@@ -153,8 +153,11 @@ def _under_c(kind: str) -> Any:
         return (o.prop, o.missing)
     if kind == "sqlite3":
         db = sqlite3.connect(":memory:")
-        db.create_function("aw", 1, aw)
-        return db.execute("select aw(21) * 2").fetchone()[0]
+        try:
+            db.create_function("aw", 1, aw)
+            return db.execute("select aw(21) * 2").fetchone()[0]
+        finally:
+            db.close()
     if kind == "ctypes":
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         cmp_t = ctypes.CFUNCTYPE(

@@ -330,24 +330,60 @@ def test_cycle_through_an_unstarted_fiber_is_collected() -> None:
     assert r() is None
 
 
-def test_cycle_through_suspended_fiber_context_is_collected_and_unwound() -> None:
-    """GC traversal: the fiber's Context holds the fiber; nothing else does."""
-    var: contextvars.ContextVar[Any] = contextvars.ContextVar("var")
+def test_traverse_reports_what_a_fiber_owns() -> None:
+    """tp_traverse: the body of an unstarted fiber; the Context a suspended
+    fiber keeps (it suspended inside Context.run of another Context) and the
+    exception it is handling. (A cycle through such a Context is still
+    kept alive by the suspended frame calling ctx.run; frames are not
+    traversed.)"""
+
+    def target(*a: Any) -> None:
+        pass
+
+    fb = Fiber(target, "arg")
+    refs = gc.get_referents(fb)
+    assert target in refs and ("arg",) in refs
+
+    ctx = contextvars.Context()
+    exc = KeyError("handled")
+
+    def inside() -> None:
+        try:
+            raise exc
+        except KeyError:
+            suspend()
+
+    fb = Fiber(lambda: ctx.run(inside))
+    fb.switch()
+    refs = gc.get_referents(fb)
+    assert ctx in refs and exc in refs
+    fb.switch()
+    assert [r for r in gc.get_referents(fb) if r is not type(fb)] == []
+
+
+def test_cycle_through_handled_exception_is_collected_and_unwound() -> None:
+    """GC traversal: a fiber suspended in an except block owns the exception
+    being handled; the exception holds the fiber."""
     log: list[str] = []
 
-    def body() -> None:
+    def body(box: list[Any]) -> None:
         try:
-            suspend()
-        finally:
-            log.append("finally")
+            raise KeyError(box)
+        except KeyError:
+            box.clear()
+            try:
+                suspend()
+            finally:
+                log.append("finally")
 
     def setup() -> weakref.ref[Any]:
-        fb = Fiber(body)
-        fb.switch()  # shares this Context
-        var.set(fb)
+        box: list[Any] = []
+        fb = Fiber(body, box)
+        box.append(fb)
+        fb.switch()
         return weakref.ref(fb)
 
-    r = contextvars.copy_context().run(setup)
+    r = setup()
     gc.collect()
     assert log == ["finally"]
     assert r() is None
@@ -433,7 +469,23 @@ def test_exception_leaving_a_fiber_gets_no_context_from_the_resumer() -> None:
     assert ctx is None
 
 
-def test_contextvars_one_context_shared_with_first_resumer() -> None:
+def test_fiber_runs_in_its_resumers_context() -> None:
+    """Like a coroutine, which runs in its awaiter's Context."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    def body() -> list[str]:
+        seen = [var.get()]
+        suspend()
+        seen.append(var.get())
+        return seen
+
+    fb = Fiber(body)
+    contextvars.copy_context().run(lambda: (var.set("first"), fb.switch()))
+    out = contextvars.copy_context().run(lambda: (var.set("second"), fb.switch())[1])
+    assert out == ["first", "second"]
+
+
+def test_contextvars_one_context_shared_with_the_resumer() -> None:
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
 
     def body() -> str:

@@ -61,11 +61,15 @@ def test_private_loop_persists_between_calls() -> None:
 
 def test_private_loop_keeps_a_tcp_connection_between_calls() -> None:
     def work() -> Any:
+        handled = asyncio.Event()
+
         async def serve() -> Any:
             async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
                 while data := await r.readline():
                     w.write(data.upper())
                 w.close()
+                await w.wait_closed()
+                handled.set()
 
             return await asyncio.start_server(handle, "127.0.0.1", 0)
 
@@ -77,6 +81,8 @@ def test_private_loop_keeps_a_tcp_connection_between_calls() -> None:
             writer.write(word)
             replies.append(await_(reader.readline()))
         writer.close()
+        await_(writer.wait_closed())
+        await_(handled.wait())
         server.close()
         await_(server.wait_closed())
         return replies
