@@ -1,12 +1,15 @@
 """Await-anywhere benchmarks: tokioloop vs greenback vs a bare greenlet
 bridge vs asgiref, side by side in one run.
 
-    python benchmarks/anywhere/bench_anywhere.py [--quick] [--json FILE]
+    python benchmarks/anywhere/bench_anywhere.py [--quick] [--pin] [--json FILE]
 
-Every timing is the best of several repeats (the VMs are noisy); threads are
-pinned to different cores where two threads take part. Memory is measured in
-fresh subprocesses (RSS and page tables from /proc/self/status).
-Prints markdown tables and the targets of issue 3 with met / not met.
+Timing: every number is the minimum over many short samples, and the
+variants compared in one table are sampled in turn (round robin), so bursts
+of load on a shared 2-vCPU VM hit them alike and the minimum finds the quiet
+windows. `--pin` pins the loop thread and the worker thread to different
+CPUs (off by default: on a loaded VM a pinned thread waits for its CPU).
+Memory is measured in fresh subprocesses (RSS and page tables from
+/proc/self/status). Prints markdown tables and the targets of issue 3.
 """
 
 from __future__ import annotations
@@ -45,15 +48,18 @@ def pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu % NCPU})
 
 
-def best(fn: Callable[[], float], repeats: int = 5) -> float:
-    return min(fn() for _ in range(2 if QUICK else repeats))
+ROUNDS = 25
 
 
-def interleaved(variants: dict[str, Callable[[], float]], repeats: int = 7) -> dict[str, float]:
-    """Best of repeats per variant, measuring the variants in turn so that
-    load changes on a shared machine hit all of them alike."""
+def best(fn: Callable[[], float], rounds: int = ROUNDS) -> float:
+    return min(fn() for _ in range(2 if QUICK else rounds))
+
+
+def interleaved(variants: dict[str, Callable[[], float]], rounds: int = ROUNDS) -> dict[str, float]:
+    """Minimum per variant over `rounds` samples, sampling the variants in
+    turn so that load changes on a shared machine hit all of them alike."""
     out = {k: float("inf") for k in variants}
-    for _ in range(2 if QUICK else repeats):
+    for _ in range(2 if QUICK else rounds):
         for k, fn in variants.items():
             out[k] = min(out[k], fn())
     return out
@@ -116,8 +122,8 @@ def on_loop(
 
 def bench_done_future() -> dict[str, float]:
     """ns per await_ of an already-done future, from sync code in a fiber."""
-    N = n(200_000)
-    out: dict[str, float] = {}
+    N = n(20_000)
+    variants: dict[str, Callable[[], float]] = {}
     for name, (runner, aw) in BRIDGES.items():
 
         async def main(runner: Runner = runner, aw: Any = aw) -> float:
@@ -132,13 +138,13 @@ def bench_done_future() -> dict[str, float]:
 
             return await runner(sync)
 
-        out[name] = best(lambda main=main: on_loop(asyncio.new_event_loop, main()))
-    return out
+        variants[name] = lambda main=main: on_loop(asyncio.new_event_loop, main())
+    return interleaved(variants)
 
 
 def bench_sleep0(factory: Callable[[], asyncio.AbstractEventLoop]) -> dict[str, float]:
     """ns per await_(asyncio.sleep(0)) from sync code, and native await."""
-    N = n(50_000)
+    N = n(5_000)
     variants: dict[str, Callable[[], float]] = {}
 
     async def native() -> float:
@@ -182,106 +188,93 @@ async def answer(x: int) -> int:
 
 def bench_no_loop_thread() -> dict[str, float]:
     """us per call from a thread with no running loop to an async function."""
-    N = n(20_000)
-    out: dict[str, float] = {}
+    N = n(2_000)
+    M = n(200) // 10 or 1  # asgiref is ~100x slower
     result: dict[str, float] = {}
 
-    def tokio(label: str, make: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    def thread_main() -> None:
         pin(0)
+        loops = {
+            "tokioloop (private asyncio loop)": asyncio.new_event_loop(),
+            "tokioloop (private uvloop loop)": uvloop.new_event_loop(),
+        }
         saved = anywhere._new_private_loop
-        anywhere._new_private_loop = make
-        anywhere._private.__dict__.clear()
-        try:
-            for _ in range(100):
-                await_(answer(1))
 
-            def once() -> float:
-                t0 = time.perf_counter_ns()
-                for i in range(N):
-                    await_(answer(i))
-                return (time.perf_counter_ns() - t0) / N / 1000
+        def tokio(loop: asyncio.AbstractEventLoop) -> float:
+            # the thread's persistent loop, as _private_loop() keeps it
+            anywhere._private.closer = anywhere._LoopCloser(loop)
+            t0 = time.perf_counter_ns()
+            for i in range(N):
+                await_(answer(i))
+            return (time.perf_counter_ns() - t0) / N / 1000
 
-            result[label] = best(once)
-        finally:
-            anywhere._new_private_loop = saved
-            anywhere._private.__dict__.clear()
-
-    def asgi() -> None:
-        pin(0)
         fn = async_to_sync(answer)
-        M = max(50, N // 50)
-        for _ in range(20):
-            fn(1)
 
-        def once() -> float:
+        def asgi() -> float:
             t0 = time.perf_counter_ns()
             for i in range(M):
                 fn(i)
             return (time.perf_counter_ns() - t0) / M / 1000
 
-        result["asgiref async_to_sync"] = best(once)
+        try:
+            variants: dict[str, Callable[[], float]] = {
+                k: (lambda loop=loop: tokio(loop)) for k, loop in loops.items()
+            }
+            variants["asgiref async_to_sync"] = asgi
+            for f in variants.values():  # warm up
+                f()
+            result.update(interleaved(variants, 15))
+        finally:
+            anywhere._new_private_loop = saved
+            anywhere._private.__dict__.clear()
+            for loop in loops.values():
+                loop.close()
 
-    for target in (
-        lambda: tokio("tokioloop (private asyncio loop)", asyncio.new_event_loop),
-        lambda: tokio("tokioloop (private uvloop loop)", uvloop.new_event_loop),
-        asgi,
-    ):
-        t = threading.Thread(target=target)
-        t.start()
-        t.join()
-    out.update(result)
-    return out
+    t = threading.Thread(target=thread_main)
+    t.start()
+    t.join()
+    return result
 
 
 def bench_worker_to_loop(factory: Callable[[], asyncio.AbstractEventLoop]) -> dict[str, float]:
-    """us per await_ from a loop's worker thread to the owning loop."""
-    N = n(10_000)
-    out: dict[str, float] = {}
+    """us per call from a loop's worker thread to the owning loop: the
+    worker runs under asgiref's sync_to_async (so async_to_sync finds the
+    loop) and wrap_for_executor (so await_ does), and samples both in turn."""
+    N = n(300)
+    M = max(10, N // 10)
 
-    async def tokio() -> float:
+    async def main() -> dict[str, float]:
         pin(0)
         loop = asyncio.get_running_loop()
+        fn = async_to_sync(answer)
 
-        def worker() -> float:
+        def worker() -> dict[str, float]:
             pin(1)
-            for _ in range(100):
-                await_(answer(1))
 
-            def once() -> float:
+            def tokio() -> float:
                 t0 = time.perf_counter_ns()
                 for i in range(N):
                     await_(answer(i))
                 return (time.perf_counter_ns() - t0) / N / 1000
 
-            return best(once)
-
-        return await loop.run_in_executor(None, wrap_for_executor(loop, worker))
-
-    async def asgi() -> float:
-        pin(0)
-        fn = async_to_sync(answer)
-        M = max(50, N // 10)
-
-        def worker() -> float:
-            pin(1)
-            for _ in range(20):
-                fn(1)
-
-            def once() -> float:
+            def asgi() -> float:
                 t0 = time.perf_counter_ns()
                 for i in range(M):
                     fn(i)
                 return (time.perf_counter_ns() - t0) / M / 1000
 
-            return best(once)
+            tokio()
+            asgi()
+            return interleaved(
+                {"tokioloop": tokio, "asgiref sync_to_async+async_to_sync": asgi}, 40
+            )
 
-        return await sync_to_async(worker, thread_sensitive=False)()
+        return await sync_to_async(wrap_for_executor(loop, worker), thread_sensitive=False)()
 
-    out["tokioloop"] = on_loop(factory, tokio())
-    out["asgiref sync_to_async+async_to_sync"] = on_loop(factory, asgi())
+    out = on_loop(factory, main())
     if PIN and NCPU > 1:
         os.sched_setaffinity(0, set(range(NCPU)))
-    return out
+    return out  # type: ignore[no-any-return]
 
 
 def rec_map(depth: int, leaf: Callable[[], Any]) -> Any:
@@ -293,54 +286,47 @@ def rec_map(depth: int, leaf: Callable[[], Any]) -> Any:
 def bench_switch_depth() -> dict[str, dict[int, float]]:
     """ns per switch round trip (resume + suspend) at a depth reached
     through map() (C frames on the stack), fiber vs greenlet."""
-    N = n(100_000)
-    out: dict[str, dict[int, float]] = {"tokioloop fiber": {}, "greenlet": {}}
+    N = n(20_000)
+    variants: dict[str, Callable[[], float]] = {}
     for depth in (1, 50, 200):
 
-        def fib(depth: int = depth) -> float:
-            def leaf() -> None:
-                s = T.fiber_suspend
-                while True:
-                    s()
+        def fib_leaf(suspend: Callable[[], Any] = T.fiber_suspend) -> None:
+            while True:
+                suspend()
 
-            fb = T.Fiber(rec_map, depth, leaf)
-            fb.switch()
-            sw = fb.switch
+        fb = T.Fiber(rec_map, depth, fib_leaf)
+        fb.switch()
+
+        def gl_leaf() -> None:
+            parent = greenlet.getcurrent().parent
+            assert parent is not None
+            while True:
+                parent.switch()
+
+        g = greenlet.greenlet(lambda depth=depth: rec_map(depth, gl_leaf))
+        g.switch()
+
+        def timed(sw: Callable[[], Any]) -> float:
             t0 = time.perf_counter_ns()
             for _ in range(N):
                 sw()
-            dt = (time.perf_counter_ns() - t0) / N
-            fb.kill()
-            return dt
+            return (time.perf_counter_ns() - t0) / N
 
-        def gl(depth: int = depth) -> float:
-            main = greenlet.getcurrent()
-
-            def leaf() -> None:
-                while True:
-                    main.switch()
-
-            g = greenlet.greenlet(lambda: rec_map(depth, leaf))
-            g.switch()
-            sw = g.switch
-            t0 = time.perf_counter_ns()
-            for _ in range(N):
-                sw()
-            dt = (time.perf_counter_ns() - t0) / N
-            g.throw(greenlet.GreenletExit)
-            return dt
-
-        out["tokioloop fiber"][depth] = best(fib)
-        out["greenlet"][depth] = best(gl)
+        variants[f"tokioloop fiber/{depth}"] = lambda sw=fb.switch: timed(sw)
+        variants[f"greenlet/{depth}"] = lambda sw=g.switch: timed(sw)
+    res = interleaved(variants)
+    out: dict[str, dict[int, float]] = {"tokioloop fiber": {}, "greenlet": {}}
+    for k, v in res.items():
+        name, depth = k.split("/")
+        out[name][int(depth)] = v
     return out
 
 
 def bench_sleep0_depth() -> dict[str, dict[int, float]]:
     """ns per await_(sleep(0)) at depth 1 and 200 through map()."""
-    N = n(20_000)
-    out: dict[str, dict[int, float]] = {}
+    N = n(3_000)
+    variants: dict[str, Callable[[], float]] = {}
     for name, (runner, aw) in BRIDGES.items():
-        out[name] = {}
         for depth in (1, 200):
 
             async def main(runner: Runner = runner, aw: Any = aw, depth: int = depth) -> float:
@@ -352,7 +338,11 @@ def bench_sleep0_depth() -> dict[str, dict[int, float]]:
 
                 return await runner(lambda: rec_map(depth, leaf))
 
-            out[name][depth] = best(lambda main=main: on_loop(uvloop.new_event_loop, main()))
+            variants[f"{name}/{depth}"] = lambda main=main: on_loop(uvloop.new_event_loop, main())
+    out: dict[str, dict[int, float]] = {}
+    for k, v in interleaved(variants).items():
+        name, depth = k.rsplit("/", 1)
+        out.setdefault(name, {})[int(depth)] = v
     return out
 
 
@@ -432,7 +422,7 @@ def plain_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyn
 
 
 def bench_tasks(factory: Callable[[], asyncio.AbstractEventLoop]) -> dict[str, dict[str, float]]:
-    N = n(20_000)
+    N = n(3_000)
 
     async def noop() -> int:
         return 1
@@ -468,7 +458,7 @@ def bench_tasks(factory: Callable[[], asyncio.AbstractEventLoop]) -> dict[str, d
                 "plain (Python factory)": lambda body=body: run(plain_factory, body),
                 "anywhere_task": lambda body=body: run(anywhere_task, body),
             },
-            9,
+            31,
         )
     return out
 
@@ -541,7 +531,7 @@ def main() -> None:
         print(f"| {k} | {fmt(v, 'us')} |")
     print("| greenback / greenlet bridge | n/a (need a running loop) |\n")
 
-    print("## worker thread to its owning loop (per call; loop and worker pinned apart)\n")
+    print("## worker thread to its owning loop (per call)\n")
     print("| loop | tokioloop | asgiref sync_to_async+async_to_sync |\n| --- | --- | --- |")
     raw["worker"] = {}
     for lname, lf in (("asyncio", asyncio.new_event_loop), ("uvloop", uvloop.new_event_loop)):
