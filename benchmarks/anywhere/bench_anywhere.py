@@ -201,8 +201,8 @@ def bench_no_loop_thread() -> dict[str, float]:
         saved = anywhere._new_private_loop
 
         def tokio(loop: asyncio.AbstractEventLoop) -> float:
-            # the thread's persistent loop, as _private_loop() keeps it
-            anywhere._private.closer = anywhere._LoopCloser(loop)
+            # the thread's persistent loop, as _await_outside_fiber keeps it
+            anywhere._thread_state.closer = anywhere._LoopCloser(loop)
             t0 = time.perf_counter_ns()
             for i in range(N):
                 await_(answer(i))
@@ -226,7 +226,7 @@ def bench_no_loop_thread() -> dict[str, float]:
             result.update(interleaved(variants, 15))
         finally:
             anywhere._new_private_loop = saved
-            anywhere._private.__dict__.clear()
+            anywhere._thread_state.__dict__.clear()
             for loop in loops.values():
                 loop.close()
 
@@ -493,7 +493,8 @@ def main() -> None:
     print(
         f"Python {sys.version.split()[0]}, greenlet {greenlet.__version__}, "
         f"greenback {getattr(greenback, '__version__', '?')}, uvloop {uvloop.__version__}, "
-        f"{NCPU} CPUs; best of repeats; fiber stack {T.fiber_info()['stack_size'] >> 10} KiB\n"
+        f"{NCPU} CPUs; minimum of round-robin samples; "
+        f"fiber stack {T.fiber_info()['stack_size'] >> 10} KiB\n"
     )
     raw: dict[str, Any] = {}
 

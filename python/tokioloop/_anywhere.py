@@ -26,6 +26,7 @@ import functools
 import inspect
 import sys
 import threading
+import types
 import weakref
 from collections.abc import (
     AsyncIterable,
@@ -81,9 +82,22 @@ def _discard(aw: object) -> None:
         aw.close()
 
 
-# -- worker threads started by a loop ---------------------------------------
+class _ThreadState(threading.local):
+    """Per-thread state. Class-level defaults: a missing attribute of a
+    threading.local costs an AttributeError (0.5 us) on every lookup."""
 
-_worker = threading.local()
+    #: The loop that started this worker thread (while a function wrapped
+    #: by wrap_for_executor runs).
+    owner: asyncio.AbstractEventLoop | None = None
+    #: Holder of this thread's private loop.
+    closer: _LoopCloser | None = None
+
+
+_thread_state = _ThreadState()
+_get_running_loop = asyncio._get_running_loop
+_CoroutineType = types.CoroutineType
+
+# -- worker threads started by a loop ---------------------------------------
 
 
 def wrap_for_executor(loop: asyncio.AbstractEventLoop, func: Callable[..., T]) -> Callable[..., T]:
@@ -91,12 +105,13 @@ def wrap_for_executor(loop: asyncio.AbstractEventLoop, func: Callable[..., T]) -
     thread, ``await_`` there submits awaitables to ``loop``."""
 
     def call_in_worker(*args: Any) -> T:
-        prev = getattr(_worker, "loop", None)
-        _worker.loop = loop
+        state = _thread_state
+        prev = state.owner
+        state.owner = loop
         try:
             return func(*args)
         finally:
-            _worker.loop = prev
+            state.owner = prev
 
     return call_in_worker
 
@@ -154,7 +169,6 @@ def _await_on_owner(loop: asyncio.AbstractEventLoop, aw: Awaitable[T]) -> T:
 
 # -- threads without a running loop -----------------------------------------
 
-_private = threading.local()
 _private_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
@@ -179,26 +193,30 @@ def _close_private_loops() -> None:
             loop.close()
 
 
-def _private_loop() -> asyncio.AbstractEventLoop:
-    closer: _LoopCloser | None = getattr(_private, "closer", None)
-    if closer is None or closer.loop.is_closed():
-        loop = _new_private_loop()
-        _private.closer = _LoopCloser(loop)
-        _private_loops.add(loop)
-        return loop
-    return closer.loop
+def _new_thread_loop() -> asyncio.AbstractEventLoop:
+    loop = _new_private_loop()
+    _thread_state.closer = _LoopCloser(loop)
+    _private_loops.add(loop)
+    return loop
 
 
 def _await_outside_fiber(aw: Awaitable[T]) -> T:
-    if not inspect.isawaitable(aw):
+    """await_() where no fiber can be suspended (called by the native
+    await_)."""
+    if type(aw) is not _CoroutineType and not inspect.isawaitable(aw):
         raise TypeError(f"object {type(aw).__name__} can't be used in 'await' expression")
-    if asyncio._get_running_loop() is not None:
+    if _get_running_loop() is not None:
         _discard(aw)
         raise RuntimeError(_ON_LOOP_MESSAGE)
-    owner = getattr(_worker, "loop", None)
+    state = _thread_state
+    owner = state.owner
     if owner is not None:
         return _await_on_owner(owner, aw)
-    return _private_loop().run_until_complete(aw)
+    closer = state.closer
+    loop = closer.loop if closer is not None else _new_thread_loop()
+    if loop.is_closed():
+        loop = _new_thread_loop()
+    return loop.run_until_complete(aw)
 
 
 try:

@@ -290,12 +290,12 @@ def test_wrapped_function_restores_previous_owner() -> None:
         seen: list[Any] = []
 
         def inner() -> None:
-            seen.append(anywhere._worker.loop)
+            seen.append(anywhere._thread_state.owner)
 
         def outer() -> None:
-            seen.append(anywhere._worker.loop)
+            seen.append(anywhere._thread_state.owner)
             wrap_for_executor(loop2, inner)()
-            seen.append(anywhere._worker.loop)
+            seen.append(anywhere._thread_state.owner)
 
         in_thread(wrap_for_executor(loop1, outer))
         assert seen == [loop1, loop2, loop1]
