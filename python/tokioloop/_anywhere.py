@@ -213,9 +213,13 @@ def _await_outside_fiber(aw: Awaitable[T]) -> T:
     if owner is not None:
         return _await_on_owner(owner, aw)
     closer = state.closer
-    loop = closer.loop if closer is not None else _new_thread_loop()
-    if loop.is_closed():
+    if closer is None or closer.loop.is_closed():
         loop = _new_thread_loop()
+    else:
+        loop = closer.loop
+    # A traceback through this frame (the awaitable's exception) may live in
+    # a reference cycle: it must not keep the closer alive past thread exit.
+    del closer
     return loop.run_until_complete(aw)
 
 
