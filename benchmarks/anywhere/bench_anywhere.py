@@ -200,9 +200,12 @@ def bench_no_loop_thread() -> dict[str, float]:
         }
         saved = anywhere._new_private_loop
 
+        # The thread's persistent loop is held by a closer (which closes it
+        # when dropped); keep one per loop alive and swap them in.
+        closers = {id(loop): anywhere._LoopCloser(loop) for loop in loops.values()}
+
         def tokio(loop: asyncio.AbstractEventLoop) -> float:
-            # the thread's persistent loop, as _await_outside_fiber keeps it
-            anywhere._thread_state.closer = anywhere._LoopCloser(loop)
+            anywhere._thread_state.closer = closers[id(loop)]
             t0 = time.perf_counter_ns()
             for i in range(N):
                 await_(answer(i))
@@ -224,6 +227,7 @@ def bench_no_loop_thread() -> dict[str, float]:
             for f in variants.values():  # warm up
                 f()
             result.update(interleaved(variants, 15))
+            assert all(not loop.is_closed() for loop in loops.values())
         finally:
             anywhere._new_private_loop = saved
             anywhere._thread_state.__dict__.clear()
