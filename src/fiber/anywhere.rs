@@ -135,7 +135,10 @@ unsafe fn await_in_fiber(
             Outcome::Raised(e) => return Err(e),
             Outcome::Yielded(y) => {
                 r = match core::suspend(fp, core::Out::Yield(y)) {
-                    In::Send(v) => iter_send(py, it.as_ptr(), v.as_ptr()),
+                    In::Send(v) => {
+                        let v = v.into_bound(py);
+                        iter_send(py, it.as_ptr(), v.as_ptr())
+                    }
                     In::Throw(e) => throw_into(py, &it, e),
                     In::Step(_) | In::Quit => Outcome::Raised(PyRuntimeError::new_err(
                         "internal error: a fiber waiting in await_() got a step request",
@@ -146,11 +149,7 @@ unsafe fn await_in_fiber(
     }
 }
 
-/// `tokioloop.await_(awaitable)`: from synchronous code, wait for an
-/// awaitable and return its result (or raise its exception).
-#[pyfunction]
-#[pyo3(name = "await_")]
-pub(crate) fn await_(py: Python<'_>, awaitable: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+fn await_impl(py: Python<'_>, awaitable: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
     let fp = core::current();
     // SAFETY: a non-null current() is the live fiber this code runs on.
     if !fp.is_null() && unsafe { (*fp).kind } == Kind::Await {
@@ -163,6 +162,70 @@ pub(crate) fn await_(py: Python<'_>, awaitable: &Bound<'_, PyAny>) -> PyResult<P
             "await_() outside a fiber needs the tokioloop package to be imported",
         )),
     }
+}
+
+/// Runs the body of a raw C-API function: GIL assumed, panics caught,
+/// `PyResult` turned into a new reference or NULL with an exception set.
+///
+/// # Safety
+/// Called by CPython with the GIL held.
+pub(crate) unsafe fn raw_call(
+    f: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>,
+) -> *mut ffi::PyObject {
+    let py = Python::assume_attached();
+    match catch_unwind(AssertUnwindSafe(|| f(py))) {
+        Ok(Ok(v)) => v.into_ptr(),
+        Ok(Err(e)) => {
+            e.restore(py);
+            std::ptr::null_mut()
+        }
+        Err(_) => {
+            PyRuntimeError::new_err("internal error: panic in tokioloop fiber code").restore(py);
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// `tokioloop.await_(awaitable)` (METH_O). A raw C-API function rather than
+/// a pyo3 one on purpose: it suspends fibers, and a pyo3 trampoline
+/// suspended on a fiber would leave pyo3's per-thread attach count raised
+/// while the thread runs other code (its counting assumes nested calls).
+unsafe extern "C" fn await_raw(
+    _module: *mut ffi::PyObject,
+    arg: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    raw_call(|py| await_impl(py, &Bound::from_borrowed_ptr(py, arg)))
+}
+
+/// Adds a raw C-API function to the module.
+///
+/// # Safety
+/// GIL held; `meth` matches `flags`.
+pub(crate) unsafe fn add_raw_function(
+    m: &Bound<'_, PyModule>,
+    name: &'static std::ffi::CStr,
+    meth: ffi::PyMethodDefPointer,
+    flags: std::os::raw::c_int,
+    doc: &'static std::ffi::CStr,
+) -> PyResult<()> {
+    let py = m.py();
+    // The definition must outlive the function object: leaked once per
+    // module initialisation.
+    let def = Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: name.as_ptr(),
+        ml_meth: meth,
+        ml_flags: flags,
+        ml_doc: doc.as_ptr(),
+    }));
+    let modname = m.name()?;
+    let f = ffi::PyCFunction_NewEx(def, std::ptr::null_mut(), modname.as_ptr());
+    if f.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    m.add(
+        name.to_str().expect("ascii name"),
+        Bound::from_owned_ptr(py, f),
+    )
 }
 
 /// Where the calling code runs: None (not on a fiber), "plain" or "await".
@@ -1025,7 +1088,16 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
             ac_finalize,
         )?;
     }
-    m.add_function(wrap_pyfunction!(await_, m)?)?;
+    // SAFETY: GIL held; await_raw is a METH_O function.
+    unsafe {
+        add_raw_function(
+            m,
+            c"await_",
+            ffi::PyMethodDefPointer { PyCFunction: await_raw },
+            ffi::METH_O,
+            c"await_(awaitable, /)\n--\n\nWait for an awaitable from synchronous code and return its result.",
+        )?;
+    }
     m.add_function(wrap_pyfunction!(run_anywhere, m)?)?;
     m.add_function(wrap_pyfunction!(fiber_kind, m)?)?;
     m.add_function(wrap_pyfunction!(_set_await_fallback, m)?)?;

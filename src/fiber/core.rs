@@ -481,15 +481,20 @@ fn fiber_main(addr: usize, y: &Yielder<In, Out>, first: In, body: Body) -> Ret {
     // SAFETY: the resumer is attached to the interpreter (holds the GIL) and
     // has installed this fiber's thread state.
     let py = unsafe { Python::assume_attached() };
+    // Objects are dropped as `Bound` here (an immediate decref): code on a
+    // fiber may run without a pyo3 frame below it (resumed from a raw slot
+    // such as am_send), where dropping a `Py` would defer the decref.
     match body {
         Body::Call { func, args, kwargs } => match first {
-            In::Send(_) => {
-                let f = func.bind(py);
+            In::Send(v) => {
+                drop(v.into_bound(py));
+                let f = func.into_bound(py);
                 let args = match args {
                     Some(a) => a.into_bound(py),
                     None => PyTuple::empty(py),
                 };
-                match f.call(args, kwargs.as_ref().map(|k| k.bind(py))) {
+                let kwargs = kwargs.map(|k| k.into_bound(py));
+                match f.call(args, kwargs.as_ref()) {
                     Ok(v) => Ret::Value(v.unbind()),
                     Err(e) => Ret::Error(e),
                 }
@@ -521,11 +526,14 @@ fn runner_loop(py: Python<'_>, y: &Yielder<In, Out>, first: In) -> Ret {
 }
 
 fn run_step(py: Python<'_>, step: Step) -> Outcome {
-    let coro = step.coro.bind(py);
+    let coro = step.coro.into_bound(py);
     match step.action {
-        // SAFETY: `coro` is a live object and Py_None a valid argument.
-        StepAction::Send(v) => unsafe { iter_send(py, coro.as_ptr(), v.as_ptr()) },
-        StepAction::Throw(e) => throw_method(py, coro, e),
+        StepAction::Send(v) => {
+            let v = v.into_bound(py);
+            // SAFETY: `coro` and `v` are live objects.
+            unsafe { iter_send(py, coro.as_ptr(), v.as_ptr()) }
+        }
+        StepAction::Throw(e) => throw_method(py, &coro, e),
     }
 }
 

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3::{PyTraverseError, PyVisit};
 
-use super::anywhere::{exc_from_throw_args, with_obj};
+use super::anywhere::{add_raw_function, exc_from_throw_args, raw_call, with_obj};
 use super::core::{self, Body, Fiber, In, Kind, Out, Resumed, Ret, Status};
 use super::shim;
 use super::stack;
@@ -149,9 +149,27 @@ impl Drop for PyFiber {
 }
 
 /// Suspend the current plain fiber, handing `value` to its resumer; returns
-/// what the next `switch()` sends (or raises what `throw()` throws).
-#[pyfunction]
-#[pyo3(signature = (value = None))]
+/// what the next `switch()` sends (or raises what `throw()` throws). A raw
+/// METH_FASTCALL function, like await_ (see there).
+unsafe extern "C" fn fiber_suspend_raw(
+    _module: *mut ffi::PyObject,
+    args: *mut *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+) -> *mut ffi::PyObject {
+    raw_call(|py| {
+        let value = match nargs {
+            0 => None,
+            1 => Some(Bound::from_borrowed_ptr(py, *args).unbind()),
+            _ => {
+                return Err(pyo3::exceptions::PyTypeError::new_err(
+                    "fiber_suspend() takes at most 1 argument",
+                ))
+            }
+        };
+        fiber_suspend(py, value)
+    })
+}
+
 fn fiber_suspend(py: Python<'_>, value: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
     let fp = core::current();
     // SAFETY: a non-null current() is the live fiber this code runs on.
@@ -163,7 +181,7 @@ fn fiber_suspend(py: Python<'_>, value: Option<Py<PyAny>>) -> PyResult<Py<PyAny>
     let v = value.unwrap_or_else(|| py.None());
     // SAFETY: fp == current(), GIL held, no error set.
     match unsafe { core::suspend(fp, Out::Yield(v)) } {
-        In::Send(v) => Ok(v),
+        In::Send(v) => Ok(v.into_bound(py).unbind()),
         In::Throw(e) => Err(e),
         In::Step(_) | In::Quit => Err(PyRuntimeError::new_err("internal error: bad message")),
     }
@@ -274,7 +292,18 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         (*tp).tp_finalize = Some(fiber_finalize);
         ffi::PyType_Modified(tp);
     }
-    m.add_function(wrap_pyfunction!(fiber_suspend, m)?)?;
+    // SAFETY: GIL held; fiber_suspend_raw is a METH_FASTCALL function.
+    unsafe {
+        add_raw_function(
+            m,
+            c"fiber_suspend",
+            ffi::PyMethodDefPointer {
+                PyCFunctionFast: fiber_suspend_raw,
+            },
+            ffi::METH_FASTCALL,
+            c"fiber_suspend(value=None, /)\n--\n\nSuspend the current plain Fiber.",
+        )?;
+    }
     m.add_function(wrap_pyfunction!(fiber_info, m)?)?;
     m.add_function(wrap_pyfunction!(_fiber_py_depth, m)?)?;
     m.add_function(wrap_pyfunction!(_fiber_c_remaining, m)?)?;
