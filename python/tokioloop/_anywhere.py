@@ -66,8 +66,8 @@ AnywhereCoroutine = _tokioloop.AnywhereCoroutine
 _ON_LOOP_MESSAGE = (
     "tokioloop.await_() was called from synchronous code on a thread whose event loop "
     "is running, outside a fiber, so there is nothing it could suspend. Run the "
-    "synchronous code with `await tokioloop.run_anywhere(fn, *args, **kwargs)`, or in a "
-    "task created by tokioloop.anywhere_task (the default on tokioloop's loop)."
+    "synchronous code with `await tokioloop.run_anywhere(fn, *args, **kwargs)`, or run "
+    "the task as an await-anywhere task (task factory tokioloop.anywhere_task)."
 )
 
 
