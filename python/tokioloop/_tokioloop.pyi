@@ -1,10 +1,142 @@
-"""Typed stub of the native module `tokioloop._tokioloop` (Rust, pyo3)."""
+"""Typed stub of the native module tokioloop._tokioloop."""
 
 import asyncio
 import contextvars
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from types import FrameType, TracebackType
+from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, final
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+# --- fibers and await anywhere (src/fiber) -----------------------------------------
+
+def await_(awaitable: Awaitable[_T], /) -> _T:
+    """Wait for `awaitable` from synchronous code; see tokioloop._anywhere."""
+
+def run_anywhere(func: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> RunAnywhere[_T]:
+    """Awaitable running the synchronous `func` on a fiber inside the
+    current task; `await_` works at any depth inside it."""
+
+@final
+class RunAnywhere(Coroutine[Any, Any, _T]):
+    def __await__(self) -> Generator[Any, None, _T]: ...
+    def __next__(self) -> Any: ...
+    def send(self, value: Any, /) -> Any: ...
+    def throw(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = ...,
+        tb: TracebackType | None = ...,
+        /,
+    ) -> Any: ...
+    def close(self) -> None: ...
+    @property
+    def cr_running(self) -> bool: ...
+    @property
+    def cr_suspended(self) -> bool: ...
+    @property
+    def cr_frame(self) -> FrameType | None: ...
+    @property
+    def cr_await(self) -> None: ...
+    @property
+    def cr_code(self) -> None: ...
+    @property
+    def func(self) -> Callable[..., _T]: ...
+    @property
+    def __name__(self) -> str: ...
+    @property
+    def __qualname__(self) -> str: ...
+
+@final
+class AnywhereCoroutine(Coroutine[Any, Any, _T]):
+    """Wraps a coroutine so that every step runs on a fiber (await-anywhere
+    tasks); attributes of the wrapped coroutine are forwarded."""
+
+    def __init__(self, coro: Coroutine[Any, Any, _T], /) -> None: ...
+    def __await__(self) -> Generator[Any, None, _T]: ...
+    def __next__(self) -> Any: ...
+    def send(self, value: Any, /) -> Any: ...
+    def throw(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = ...,
+        tb: TracebackType | None = ...,
+        /,
+    ) -> Any: ...
+    def close(self) -> None: ...
+    @property
+    def __wrapped__(self) -> Coroutine[Any, Any, _T]: ...
+    @property
+    def cr_running(self) -> bool: ...
+    @property
+    def cr_frame(self) -> FrameType | None: ...
+    @property
+    def cr_code(self) -> Any: ...
+    @property
+    def cr_await(self) -> Any: ...
+    @property
+    def cr_origin(self) -> Any: ...
+    @property
+    def __name__(self) -> str: ...
+    @property
+    def __qualname__(self) -> str: ...
+
+def fiber_kind() -> Literal["plain", "await"] | None:
+    """Whether the caller runs on a fiber, and whether it may await_."""
+
+def _set_await_fallback(func: Callable[[Awaitable[Any]], Any], /) -> None: ...
+
+@final
+class Fiber:
+    """The fiber layer itself (tests, advanced use; not public API)."""
+
+    def __init__(self, func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None: ...
+    def switch(self, value: Any = None) -> Any: ...
+    def throw(
+        self,
+        typ: type[BaseException] | BaseException,
+        val: object = ...,
+        tb: TracebackType | None = ...,
+    ) -> Any: ...
+    def kill(self) -> None: ...
+    @property
+    def status(self) -> Literal["new", "running", "suspended", "done", "leaked"]: ...
+    @property
+    def frame(self) -> FrameType | None: ...
+    @property
+    def guarded(self) -> bool: ...
+
+def fiber_suspend(value: Any = None) -> Any: ...
+
+class FiberInfo(TypedDict):
+    python_version_hex: int
+    stack_size: int
+    chunk_size: int
+    c_budget: int
+    c_default: int
+    bytes_per_level: int
+    page_size: int
+    guard_budget: int
+    slabs: int
+    total_slots: int
+    guarded_slots: int
+    free_slots: int
+    cached_slots: int
+    leaked_slots: int
+    leaked_fibers: int
+    idle_runners: int
+    last_suspend_depth: int
+
+def fiber_info() -> FiberInfo: ...
+def _fiber_py_depth() -> int: ...
+def _fiber_c_remaining() -> int: ...
+def _fiber_sp() -> int: ...
+def _fiber_flush_cache() -> None: ...
+def _fiber_stack_use() -> tuple[int, int, int] | None: ...
+
+# --- end of fibers ----------------------------------------------------------------
 
 # ---- the loop core (src/loop) -------------------------------------------
 
