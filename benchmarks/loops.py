@@ -19,6 +19,8 @@ LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 #: Names accepted by ``--loops`` / ``--loop``, in table column order.
 KNOWN_LOOPS: tuple[str, ...] = ("asyncio", "uvloop", "rloop", "tokioloop")
+#: Also accepted: tokioloop with await-anywhere tasks on (not run by default).
+VARIANT_LOOPS: tuple[str, ...] = ("tokioloop-anywhere",)
 
 
 class LoopUnavailable(Exception):
@@ -46,8 +48,15 @@ def loop_factory(name: str) -> LoopFactory:
         factory: LoopFactory = asyncio.SelectorEventLoop
     elif name in ("uvloop", "rloop", "tokioloop"):
         factory = _module_factory(name)
+    elif name == "tokioloop-anywhere":
+        # tokioloop with await-anywhere tasks (every task step on a fiber)
+        base = _module_factory("tokioloop")
+
+        def factory() -> asyncio.AbstractEventLoop:
+            return base(anywhere_tasks=True)  # type: ignore[call-arg]
     else:
-        raise LoopUnavailable(f"unknown loop {name!r} (known: {', '.join(KNOWN_LOOPS)})")
+        known = ", ".join(KNOWN_LOOPS + VARIANT_LOOPS)
+        raise LoopUnavailable(f"unknown loop {name!r} (known: {known})")
     try:
         probe = factory()
     except Exception as exc:
@@ -62,6 +71,7 @@ def loop_version(name: str) -> str:
     """A version string for the results file ("?" if unknown)."""
     if name == "asyncio":
         return sys.version.split()[0]
+    name = name.split("-")[0]
     try:
         module = importlib.import_module(name)
     except Exception:

@@ -12,10 +12,29 @@ import sys as _sys
 import warnings as _warnings
 from typing import Any
 
+from ._anywhere import (
+    anywhere_task,
+    async_context,
+    async_iter,
+    await_,
+    run_anywhere,
+    sync_or_async,
+)
 from ._loop import Loop, new_event_loop
 from ._runner import run
 
-__all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy"]
+__all__ = [
+    "Loop",
+    "new_event_loop",
+    "run",
+    "EventLoopPolicy",
+    "await_",
+    "run_anywhere",
+    "anywhere_task",
+    "async_context",
+    "async_iter",
+    "sync_or_async",
+]
 __version__ = "0.1.0"
 
 _BasePolicy: Any = getattr(_asyncio.events, "BaseDefaultEventLoopPolicy", None)

@@ -73,7 +73,9 @@ _ON_LOOP_MESSAGE = (
 
 def _new_private_loop() -> asyncio.AbstractEventLoop:
     """The event loop a thread without a running loop uses for await_()."""
-    return asyncio.new_event_loop()
+    from ._loop import new_event_loop
+
+    return new_event_loop()
 
 
 def _discard(aw: object) -> None:

@@ -27,6 +27,7 @@ from asyncio import events as _events
 from collections.abc import Callable
 from typing import Any
 
+from ._anywhere import wrap_for_executor
 from ._network import NetworkMixin
 from ._tokioloop import Handle, LoopCore
 
@@ -61,9 +62,19 @@ def _debug_from_environment() -> bool:
 
 
 class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[misc]
-    """An asyncio event loop driven by a Tokio current-thread runtime."""
+    """An asyncio event loop driven by a Tokio current-thread runtime.
 
-    def __init__(self) -> None:
+    ``anywhere_tasks=True`` makes every task the loop creates (without a
+    task factory) await-anywhere capable: synchronous code called by the
+    task can use ``tokioloop.await_`` directly, without ``run_anywhere``.
+    The default comes from the TOKIOLOOP_ANYWHERE_TASKS environment
+    variable ("1" turns it on); it costs a fiber switch per task step.
+    """
+
+    def __init__(self, *, anywhere_tasks: bool | None = None) -> None:
+        if anywhere_tasks is None:
+            anywhere_tasks = os.environ.get("TOKIOLOOP_ANYWHERE_TASKS", "") not in ("", "0")
+        self._anywhere_tasks = bool(anywhere_tasks)
         self._debug = _debug_from_environment()
         self._exception_handler: Any = None
         self._current_handle: Any = None
@@ -190,7 +201,8 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             if executor is None:
                 executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
                 self._default_executor = executor
-        return asyncio.wrap_future(executor.submit(func, *args), loop=self)
+        # The worker learns which loop started it: await_() there submits to it.
+        return asyncio.wrap_future(executor.submit(wrap_for_executor(self, func), *args), loop=self)
 
     # ---- fd watchers: the public ones refuse fds a transport uses -------
 
@@ -573,6 +585,8 @@ def _check_sendfile_params(sock: socket.socket, file: Any, offset: Any, count: A
         raise ValueError(f"offset must be a non-negative integer (got {offset!r})")
 
 
-def new_event_loop() -> Loop:
-    """A new tokioloop event loop (asyncio.new_event_loop's counterpart)."""
-    return Loop()
+def new_event_loop(*, anywhere_tasks: bool | None = None) -> Loop:
+    """A new tokioloop event loop (asyncio.new_event_loop's counterpart).
+
+    ``anywhere_tasks``: see :class:`Loop`."""
+    return Loop(anywhere_tasks=anywhere_tasks)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import signal
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from ._loop import new_event_loop
@@ -21,15 +22,24 @@ from ._loop import new_event_loop
 T = TypeVar("T")
 
 
-def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
+def run(
+    main: Coroutine[Any, Any, T],
+    *,
+    debug: bool | None = None,
+    anywhere_tasks: bool | None = None,
+) -> T:
     """Run `main` on a new tokioloop loop and return its result, as
-    asyncio.run(main, debug=debug) does with the default loop."""
+    asyncio.run(main, debug=debug) does with the default loop.
+
+    ``anywhere_tasks=True``: every task is await-anywhere capable (see
+    tokioloop.Loop)."""
     if asyncio.events._get_running_loop() is not None:
         raise RuntimeError("tokioloop.run() cannot be called from a running event loop")
+    factory = functools.partial(new_event_loop, anywhere_tasks=anywhere_tasks)
     if sys.version_info >= (3, 11):
-        with asyncio.Runner(debug=debug, loop_factory=new_event_loop) as runner:
+        with asyncio.Runner(debug=debug, loop_factory=factory) as runner:
             return runner.run(main)
-    return _run_310(main, debug)
+    return _run_310(main, debug, factory)
 
 
 def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
@@ -52,10 +62,12 @@ def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
             )
 
 
-def _run_310(main: Coroutine[Any, Any, T], debug: bool | None) -> T:
+def _run_310(
+    main: Coroutine[Any, Any, T], debug: bool | None, factory: Callable[[], Any]
+) -> T:
     if not asyncio.iscoroutine(main):
         raise ValueError(f"a coroutine was expected, got {main!r}")
-    loop = new_event_loop()
+    loop = factory()
     interrupts = 0
     old_handler = None
     try:

@@ -836,6 +836,12 @@ impl AnywhereCoroutine {
     }
 }
 
+impl AnywhereCoroutine {
+    pub(crate) fn wrap(coro: Py<PyAny>) -> Self {
+        Self::new(coro)
+    }
+}
+
 #[pymethods]
 impl AnywhereCoroutine {
     #[new]

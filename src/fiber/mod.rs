@@ -65,6 +65,14 @@ fn stack_size_from_env() -> usize {
         .unwrap_or(DEFAULT_STACK)
 }
 
+/// `AnywhereCoroutine(coro)`: the coroutine of an await-anywhere task.
+pub(crate) fn anywhere_coroutine<'py>(
+    py: Python<'py>,
+    coro: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    Ok(Bound::new(py, anywhere::AnywhereCoroutine::wrap(coro.clone().unbind()))?.into_any())
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     shim::check_layout().map_err(PyRuntimeError::new_err)?;
     // SAFETY: pure functions returning compile-time constants.

@@ -150,6 +150,9 @@ pub struct LoopCore {
     task_factory: GilCell<Option<Py<PyAny>>>,
     slow_callback_duration: AtomicU64,
     clock_resolution: f64,
+    /// Tasks made without a factory get an AnywhereCoroutine around their
+    /// coroutine (await-anywhere tasks).
+    anywhere_tasks: AtomicBool,
     next_op_id: AtomicU64,
     next_token: AtomicU64,
     /// Transports registered with the reactor, by token.
@@ -827,8 +830,10 @@ macro_rules! kwnames {
 
 #[pymethods]
 impl LoopCore {
+    /// Arguments are for the Python subclass's __init__ (Loop(anywhere_tasks=...)).
     #[new]
-    fn new() -> PyResult<Self> {
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let driver = Driver::new().map_err(|e| {
             PyOSError::new_err((
                 e.raw_os_error().unwrap_or(0),
@@ -850,6 +855,7 @@ impl LoopCore {
             task_factory: GilCell::new(None),
             slow_callback_duration: AtomicU64::new(0.1f64.to_bits()),
             clock_resolution: clock::resolution(),
+            anywhere_tasks: AtomicBool::new(false),
             next_op_id: AtomicU64::new(1),
             next_token: AtomicU64::new(1),
             sources: GilCell::new(HashMap::new()),
@@ -899,6 +905,16 @@ impl LoopCore {
     fn set_slow_callback_duration(&self, value: f64) {
         self.slow_callback_duration
             .store(value.to_bits(), Ordering::Relaxed);
+    }
+
+    #[getter(_anywhere_tasks)]
+    fn get_anywhere_tasks(&self) -> bool {
+        self.anywhere_tasks.load(Ordering::Relaxed)
+    }
+
+    #[setter(_anywhere_tasks)]
+    fn set_anywhere_tasks(&self, value: bool) {
+        self.anywhere_tasks.store(value, Ordering::Relaxed);
     }
 
     #[getter(_clock_resolution)]
@@ -1011,6 +1027,17 @@ impl LoopCore {
             return Ok(task);
         }
         let task_type = pyobjs::task_type(py)?;
+        let wrapped;
+        // SAFETY: a type check on a live object.
+        let is_coro = unsafe { ffi::PyCoro_CheckExact(coro.as_ptr()) } != 0;
+        // (Anything but a native coroutine goes to Task unchanged, which
+        // accepts or rejects it as usual.)
+        let coro = if is_coro && this.anywhere_tasks.load(Ordering::Relaxed) {
+            wrapped = crate::fiber::anywhere_coroutine(py, coro)?;
+            &wrapped
+        } else {
+            coro
+        };
         let task = if let Some(k) = kwargs {
             let kw = PyDict::new(py);
             kw.set_item("loop", slf)?;

@@ -1,0 +1,125 @@
+"""await-anywhere wired into tokioloop's loop: anywhere tasks, executor
+threads, the per-thread private loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+
+import pytest
+
+import tokioloop
+
+
+def sync_fetch(x: int) -> int:
+    # plain def code, called from a task, awaiting
+    return tokioloop.await_(asyncio.sleep(0.001, x * 2))
+
+
+def test_anywhere_tasks_option() -> None:
+    async def main() -> list[int]:
+        return [sync_fetch(i) for i in range(5)]
+
+    assert tokioloop.run(main(), anywhere_tasks=True) == [0, 2, 4, 6, 8]
+
+
+def test_without_the_option_await_names_run_anywhere() -> None:
+    async def main() -> int:
+        return sync_fetch(1)
+
+    with pytest.raises(RuntimeError, match="run_anywhere"):
+        tokioloop.run(main())
+
+
+def test_anywhere_tasks_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKIOLOOP_ANYWHERE_TASKS", "1")
+    loop = tokioloop.new_event_loop()
+    try:
+        assert loop._anywhere_tasks is True
+
+        async def main() -> int:
+            return sync_fetch(21)
+
+        assert loop.run_until_complete(main()) == 42
+    finally:
+        loop.close()
+    monkeypatch.setenv("TOKIOLOOP_ANYWHERE_TASKS", "0")
+    loop = tokioloop.new_event_loop()
+    assert loop._anywhere_tasks is False
+    loop.close()
+
+
+def test_anywhere_task_semantics_on_tokioloop() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    def sync_part() -> tuple[bool, str]:
+        var.set("set in sync code")
+        task = asyncio.current_task()
+        tokioloop.await_(asyncio.sleep(0))
+        return task is not None, var.get()
+
+    async def main() -> tuple[bool, str, str, str]:
+        is_task, seen = sync_part()
+        t = asyncio.current_task()
+        assert t is not None
+        coro_name = type(t.get_coro()).__name__
+        return is_task, seen, var.get(), coro_name
+
+    is_task, seen, after, coro_name = tokioloop.run(main(), anywhere_tasks=True)
+    assert is_task and seen == "set in sync code" and after == "set in sync code"
+    assert coro_name == "AnywhereCoroutine"
+
+
+def test_anywhere_task_cancellation() -> None:
+    cleaned: list[bool] = []
+
+    def blocking_sync() -> None:
+        try:
+            tokioloop.await_(asyncio.sleep(3600))
+        finally:
+            cleaned.append(True)
+
+    async def run_it() -> None:
+        blocking_sync()
+
+    async def main() -> None:
+        t = asyncio.get_running_loop().create_task(run_it())
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+
+    tokioloop.run(main(), anywhere_tasks=True)
+    assert cleaned == [True]
+
+
+def test_worker_thread_submits_to_owning_loop() -> None:
+    def in_worker() -> tuple[int, bool]:
+        return (
+            tokioloop.await_(asyncio.sleep(0.001, 7)),
+            threading.current_thread() is not threading.main_thread(),
+        )
+
+    async def main() -> tuple[int, bool]:
+        return await asyncio.to_thread(in_worker)
+
+    assert tokioloop.run(main()) == (7, True)
+
+
+def test_thread_without_loop_uses_a_persistent_tokioloop() -> None:
+    loops: list[type] = []
+
+    async def which() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def worker() -> None:
+        a = tokioloop.await_(which())
+        b = tokioloop.await_(which())
+        assert a is b  # the same loop for the thread, between calls
+        loops.append(type(a))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert loops == [tokioloop.Loop]
