@@ -29,9 +29,10 @@ from typing import Any
 
 import greenback
 import greenlet
-import tokioloop._anywhere as anywhere
 import uvloop
 from asgiref.sync import async_to_sync, sync_to_async
+
+import tokioloop._anywhere as anywhere
 from tokioloop import _tokioloop as T
 from tokioloop._anywhere import anywhere_task, await_, run_anywhere, wrap_for_executor
 

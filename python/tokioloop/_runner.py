@@ -62,9 +62,7 @@ def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
             )
 
 
-def _run_310(
-    main: Coroutine[Any, Any, T], debug: bool | None, factory: Callable[[], Any]
-) -> T:
+def _run_310(main: Coroutine[Any, Any, T], debug: bool | None, factory: Callable[[], Any]) -> T:
     if not asyncio.iscoroutine(main):
         raise ValueError(f"a coroutine was expected, got {main!r}")
     loop = factory()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
+
 import tokioloop
 import tokioloop._anywhere  # noqa: F401  (registers await_'s fallback)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+
 from tokioloop import _tokioloop as T
 from tokioloop._anywhere import AnywhereCoroutine, RunAnywhere, await_, run_anywhere
 

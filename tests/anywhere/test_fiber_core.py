@@ -14,6 +14,7 @@ import weakref
 from typing import Any
 
 import pytest
+
 from tokioloop import _tokioloop as T
 
 from .conftest import Unraisables, run_py

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
+
 from tokioloop._anywhere import (
     async_context,
     async_iter,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+
 from tokioloop import _tokioloop as T
 from tokioloop._anywhere import AnywhereCoroutine, anywhere_task, await_, run_anywhere
 

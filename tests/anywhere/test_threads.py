@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 import tokioloop._anywhere as anywhere
 from tokioloop._anywhere import await_, wrap_for_executor
 
