@@ -522,3 +522,48 @@ def test_pause_reading_stops_data_received(kind: str, sockdir: str) -> None:
         runs = on_both(main)
     for run in runs.values():
         assert run.errors == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="native stream transports build OSErrors from Rust io::Error (pyo3's "
+    "From<io::Error>, src/transports/stream.rs os_error()): errno/strerror are None and "
+    "str() is 'Broken pipe (os error 32)', not '[Errno 32] Broken pipe' as asyncio's",
+)
+@pytest.mark.parametrize("where", ["write", "read"])
+def test_transport_oserrors_carry_errno(where: str) -> None:
+    """connection_lost() gets an OSError with errno and strerror set, as
+    the socket module makes them: EPIPE from a write to a closed peer,
+    ECONNRESET from a read after the peer reset."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[Any, ...]:
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+
+        class Proto(asyncio.Protocol):
+            def connection_lost(self, exc: BaseException | None) -> None:
+                lost.set_result(exc)
+
+        if where == "write":
+            a, b = socket.socketpair()
+            tr, _ = await loop.create_connection(Proto, sock=a)
+            b.close()
+            tr.write(b"x" * 100)
+        else:
+            lsock = socket.socket()
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen()
+            tr, _ = await loop.create_connection(Proto, *lsock.getsockname())
+            peer, _ = lsock.accept()
+            lsock.close()
+            tr.write(b"unread")  # unread data makes the close a reset
+            await wait_until(lambda: pending_bytes(peer) > 0)
+            set_linger_reset(peer)
+            peer.close()
+        exc = await lost
+        assert isinstance(exc, OSError)
+        return type(exc).__name__, exc.errno, exc.strerror, str(exc)
+
+    runs = on_both(main)
+    ref = runs["asyncio"].result
+    assert ref[1] is not None
+    assert runs["tokioloop"].result == ref
