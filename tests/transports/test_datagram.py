@@ -343,10 +343,12 @@ def test_sendto_after_close() -> None:
     assert runs["tokioloop"].result == runs["asyncio"].result == (True, 0)
 
 
+class Plain(asyncio.DatagramProtocol):
+    """Weak-referenceable (asyncio's protocol classes have __slots__)."""
+
+
 async def _closed_endpoint(loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
-    tr, p = await loop.create_datagram_endpoint(
-        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
-    )
+    tr, p = await loop.create_datagram_endpoint(Plain, local_addr=("127.0.0.1", 0))
     tr.sendto(b"x", tr.get_extra_info("sockname"))
     tr.close()
     await asyncio.sleep(0.01)
