@@ -163,6 +163,13 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loop = factory()
+        if which == "asyncio" and sys.version_info < (3, 12) and scenario.startswith("subprocess"):
+            # the reference for tokioloop's pidfd child watcher is asyncio's
+            # (its default from 3.12 on; 3.10/3.11 default to a thread per
+            # child, which keeps the transports alive while the child runs)
+            watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(loop)
+            asyncio.set_child_watcher(watcher)
         loop.set_exception_handler(
             lambda _lp, ctx: handled.append(
                 f"{ctx.get('message')} | {type(ctx.get('exception')).__name__}"

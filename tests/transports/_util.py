@@ -11,6 +11,7 @@ import os
 import resource
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -180,3 +181,17 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
         if loop.time() > deadline:
             raise TimeoutError("condition not met")
         await asyncio.sleep(0.001)
+
+
+#: tokioloop's DatagramTransport starts its native receiver from
+#: `_add_reader`, which asks `self.is_reading()`; on 3.10 asyncio's datagram
+#: transport has no is_reading() (only the socket transport has), so the
+#: inherited ReadTransport.is_reading raises NotImplementedError in the
+#: callback asyncio schedules from __init__: nothing is ever received.
+PY310_DATAGRAM_BUG = (
+    "3.10 only: DatagramTransport._add_reader (python/tokioloop/_transports.py) calls "
+    "self.is_reading(), which asyncio 3.10's _SelectorDatagramTransport does not define "
+    "(ReadTransport.is_reading raises NotImplementedError): 'Exception in callback "
+    "DatagramTransport._add_reader', the endpoint never receives"
+)
+PY310 = sys.version_info < (3, 11)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ._util import LOOPS, fds_released, free_port, ipv6_available, run_on
+from ._util import LOOPS, PY310, PY310_DATAGRAM_BUG, fds_released, free_port, ipv6_available, run_on
 
 
 @dataclass
@@ -597,6 +597,21 @@ FLOW_CONTROL_MIXIN_BUG = (
     "'transport should be _FlowControlMixin instance' (python/tokioloop/_transports.py)"
 )
 XFAIL = {
+    **(
+        {
+            name: PY310_DATAGRAM_BUG
+            for name in CASES
+            if name.startswith("datagram_sendto_")
+            or name
+            in (
+                "connected_datagram_sendto_other_address",
+                "sendfile_datagram_transport",
+                "start_tls_datagram_transport",
+            )
+        }
+        if PY310
+        else {}
+    ),
     "connect_unconnected_sock": ERRNO_BUG,
     "start_tls_peer_closes": ERRNO_BUG,
     "sendfile_not_a_real_file": FLOW_CONTROL_MIXIN_BUG,

@@ -16,7 +16,21 @@ import pytest
 
 import tokioloop
 
-from ._util import LOOPS, fds_released, free_port, ipv6_available, on_both, run_on
+from ._util import (
+    LOOPS,
+    PY310,
+    PY310_DATAGRAM_BUG,
+    fds_released,
+    free_port,
+    ipv6_available,
+    on_both,
+    run_on,
+)
+
+#: Every scenario here takes milliseconds; a hang fails after this long.
+SHORT = 2.0
+
+broken_on_310 = pytest.mark.xfail(PY310, strict=True, reason=PY310_DATAGRAM_BUG)
 
 ERRNO_BUG = (
     "DatagramCore builds the OSErrors it hands to error_received() from Rust io::Error "
@@ -79,6 +93,7 @@ FAMILIES = [
 
 
 @pytest.mark.parametrize(("family", "host"), FAMILIES)
+@broken_on_310
 def test_sendto_recvfrom_round_trip(family: int, host: str) -> None:
     """An echo endpoint and a client: payload types asyncio accepts, the
     peer addresses as asyncio reports them (2- or 4-tuples), in order."""
@@ -111,13 +126,14 @@ def test_sendto_recvfrom_round_trip(family: int, host: str) -> None:
         return result
 
     with fds_released():
-        runs = on_both(main)
+        runs = on_both(main, timeout=SHORT)
     ours, ref = runs["tokioloop"].result, runs["asyncio"].result
     assert ours == ref
     assert ours["sizes"] == [5, 9, 10, 1000, 60_000]
     assert all(ok for _, ok in ours["client_got"]) and all(ours["server_saw"])
 
 
+@broken_on_310
 def test_empty_datagram() -> None:
     """b'' is sent or not as asyncio of this version does it."""
 
@@ -137,7 +153,7 @@ def test_empty_datagram() -> None:
         server.close()
         return [d for d, _ in sp.got]
 
-    runs = on_both(main)
+    runs = on_both(main, timeout=SHORT)
     assert runs["tokioloop"].result == runs["asyncio"].result
 
 
@@ -162,6 +178,7 @@ def _refused_scenario(port: int) -> Any:
     return main
 
 
+@broken_on_310
 def test_connected_udp_refused_goes_to_error_received() -> None:
     runs = on_both(_refused_scenario(free_port(kind=socket.SOCK_DGRAM)))
     ref, ours = runs["asyncio"].result, runs["tokioloop"].result
@@ -194,7 +211,7 @@ def test_sendto_error_goes_to_error_received_with_errno() -> None:
         tr.close()
         return type(e).__name__, e.errno, str(e), closing  # type: ignore[attr-defined]
 
-    runs = on_both(main)
+    runs = on_both(main, timeout=SHORT)
     assert runs["asyncio"].result == ("PermissionError", 13, "[Errno 13] Permission denied", False)
     assert runs["tokioloop"].result == runs["asyncio"].result
 
@@ -244,13 +261,14 @@ def test_unix_datagram_round_trip(sockdir: str) -> None:
         return result
 
     with fds_released():
-        runs = on_both(main, timeout=2)  # asyncio needs milliseconds
+        runs = on_both(main, timeout=SHORT)
     ours = runs["tokioloop"].result
     assert ours == runs["asyncio"].result
     assert ours["got"] == [b"MSG %d" % i for i in range(100)]
     assert ours["client_addrs"] == {True} and ours["server_addrs"] == {True}
 
 
+@broken_on_310
 def test_flow_control_when_the_receiver_stalls(sockdir: str) -> None:
     """Unix datagram sockets: while the receiver does not read, its
     queue fills, sendto() would block and the transport buffers; past the
@@ -273,12 +291,17 @@ def test_flow_control_when_the_receiver_stalls(sockdir: str) -> None:
         paused_at = sender.get_write_buffer_size()
         receiver.resume_reading()
         await rp.wait_for_count(N)
-        while sender.get_write_buffer_size():
+        while sender._buffer:  # type: ignore[attr-defined]  # asyncio's own queue
             await asyncio.sleep(0.001)
+        for _ in range(5):
+            await asyncio.sleep(0)
         result = {
             "order": [d[:4] for d, _ in rp.got] == [b"%04d" % i for i in range(N)],
             "events": sp.events,
             "buffered": paused_at > 4096,
+            # 3.13.0's datagram transport miscounts its buffer size, so that
+            # resume_writing() never comes: compared with asyncio, not fixed
+            "size": sender.get_write_buffer_size(),
             "errors": sp.errors + rp.errors,
         }
         sender.close()
@@ -287,14 +310,15 @@ def test_flow_control_when_the_receiver_stalls(sockdir: str) -> None:
         return result
 
     with fds_released():
-        runs = on_both(main)
+        runs = on_both(main, timeout=SHORT)
     ours = runs["tokioloop"].result
     assert ours == runs["asyncio"].result
     assert ours["order"] and ours["buffered"]
-    assert ours["events"] == ["pause", "resume"]
+    assert ours["events"][0] == "pause"
     assert runs["tokioloop"].errors == []
 
 
+@broken_on_310
 def test_burst_of_datagrams_in_order() -> None:
     """2,000 datagrams sent in one go on loopback, with a receive buffer
     big enough for all of them: all arrive, in order."""
@@ -321,7 +345,7 @@ def test_burst_of_datagrams_in_order() -> None:
         return len(rp.got), in_order
 
     with fds_released():
-        run = run_on(LOOPS["tokioloop"], main)
+        run = run_on(LOOPS["tokioloop"], main, timeout=SHORT)
     assert run.result == (N, True)
 
 
@@ -339,7 +363,7 @@ def test_sendto_after_close() -> None:
         await asyncio.sleep(0)
         return tr.is_closing(), len(p.got)
 
-    runs = on_both(main)
+    runs = on_both(main, timeout=SHORT)
     assert runs["tokioloop"].result == runs["asyncio"].result == (True, 0)
 
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import warnings
 import weakref
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -39,6 +40,14 @@ QUEUED_CLOSURE = (
     "epoll/eventfd and every transport's fd leak"
 )
 
+PIDFD_LEAK = (
+    "closing (or dropping) the loop while a child runs leaks the child's pidfd: "
+    "_watch_child (python/tokioloop/_network.py) closes it only in its reader callback, "
+    "which never runs once the loop is closed; asyncio 3.11's PidfdChildWatcher does not "
+    "leak it (3.12+'s does, so there the two agree)"
+)
+PRE_312 = sys.version_info < (3, 12)
+
 SCENARIOS = [
     pytest.param("streams_open", id="streams_open"),
     pytest.param(
@@ -47,11 +56,18 @@ SCENARIOS = [
         marks=pytest.mark.xfail(strict=True, reason=DATAGRAM_CYCLE),
     ),
     pytest.param("tls_handshake_pending", id="tls_handshake_pending"),
-    pytest.param("subprocess_running", id="subprocess_running"),
+    pytest.param(
+        "subprocess_running",
+        id="subprocess_running",
+        marks=pytest.mark.xfail(PRE_312, strict=True, reason=PIDFD_LEAK),
+    ),
     pytest.param(
         "streams_open+drop_loop",
         id="streams_open+drop_loop",
-        marks=pytest.mark.xfail(strict=True, reason=QUEUED_CLOSURE),
+        # StreamWriter.__del__ (3.11+) closes the transport: a closure queued
+        marks=pytest.mark.xfail(
+            "__del__" in vars(asyncio.StreamWriter), strict=True, reason=QUEUED_CLOSURE
+        ),
     ),
     pytest.param(
         "datagram_open+drop_loop",
@@ -59,7 +75,11 @@ SCENARIOS = [
         marks=pytest.mark.xfail(strict=True, reason=DATAGRAM_CYCLE),
     ),
     pytest.param("tls_handshake_pending+drop_loop", id="tls_handshake_pending+drop_loop"),
-    pytest.param("subprocess_running+drop_loop", id="subprocess_running+drop_loop"),
+    pytest.param(
+        "subprocess_running+drop_loop",
+        id="subprocess_running+drop_loop",
+        marks=pytest.mark.xfail(PRE_312, strict=True, reason=PIDFD_LEAK),
+    ),
 ]
 
 
@@ -83,11 +103,19 @@ def test_close_with_open_transports(scenario: str, certs: Certs) -> None:
     ref = _run_scenario("asyncio", scenario, certs)
     ours = _run_scenario("tokioloop", scenario, certs)
     assert ours["handled"] == ref["handled"]
-    assert ours["warnings"] == ref["warnings"]
-    # asyncio's child watcher leaks its pidfd when the loop goes away with
-    # the child running; nothing else may stay open.
-    assert ours["leaked"] == ref["leaked"]
+    # asyncio's pidfd child watcher leaks its pidfd when the loop goes away
+    # with the child running (tokioloop's does the same); nothing else may
+    # stay open.
     assert [k for k in ours["leaked"] if "pidfd" not in k] == []
+    assert ours["leaked"].count("anon_inode:[pidfd]") <= ref["leaked"].count("anon_inode:[pidfd]")
+    # Every ResourceWarning asyncio gives, we give. We may give more only
+    # for objects asyncio leaks instead (3.13's asyncio keeps a Unix server
+    # socket alive forever: no warning, an fd leaked; we warn and close it).
+    missing = Counter(ref["warnings"]) - Counter(ours["warnings"])
+    extra = Counter(ours["warnings"]) - Counter(ref["warnings"])
+    assert not missing, (missing, ref, ours)
+    ref_leaks = [k for k in ref["leaked"] if "pidfd" not in k]
+    assert sum(extra.values()) == len(ref_leaks), (extra, ref, ours)
 
 
 @pytest.mark.xfail(strict=True, reason=QUEUED_CLOSURE)
