@@ -664,3 +664,104 @@ def test_refused_is_connection_refused_error() -> None:
 
     exc = run_on(LOOPS["tokioloop"], main).result
     assert exc.errno == errno.ECONNREFUSED
+
+
+TYPE_MESSAGE = (
+    "write() of a non-bytes-like object: tokioloop says 'data argument must be a "
+    'bytes-like object, not "str"\' (Rust {:?} quoting, src/transports/stream.rs '
+    "check_data), asyncio 'not 'str'' (repr of the type name)"
+)
+NON_CONTIGUOUS = (
+    "write(non-contiguous memoryview): asyncio's send() fails inside the transport, a "
+    "'Fatal write error on socket transport' (BufferError) that closes the connection; "
+    "tokioloop raises BufferError to the caller from write() (with_bytes/PyBUF_SIMPLE, "
+    "src/transports/stream.rs) and the connection stays open"
+)
+WRITELINES_ATOMIC = (
+    "writelines() with a bad item: asyncio converts every item before queueing any "
+    "(nothing is sent, TypeError); tokioloop writes item by item (StreamCore.writelines, "
+    "src/transports/stream.rs), so the items before the bad one are already sent when the "
+    "TypeError comes"
+)
+
+
+def _odd_payloads() -> dict[str, Any]:
+    import array
+
+    return {
+        "non_contiguous": memoryview(b"abcdef")[::2],
+        "int_items": memoryview(array.array("i", [1, 2, 3])),
+        "readonly_view": memoryview(bytearray(b"xyz")).toreadonly(),
+        "slice_view": memoryview(b"0123456789")[2:5],
+        "empty_view": memoryview(b""),
+        "bytearray": bytearray(b"ba"),
+        "str": "text",
+        "int": 12345,
+        "list": [b"in a list"],
+        "none": None,
+        "writelines_with_str": ("lines", [b"one", bytearray(b"two"), memoryview(b"3"), "4", b"5"]),
+        "writelines_ok": ("lines", [b"one", bytearray(b"two"), memoryview(b"three")]),
+        "writelines_not_iterable": ("lines", 42),
+    }
+
+
+_ODD_XFAIL = {
+    "non_contiguous": NON_CONTIGUOUS,
+    "str": TYPE_MESSAGE,
+    "int": TYPE_MESSAGE,
+    "list": TYPE_MESSAGE,
+    "none": TYPE_MESSAGE,
+    "writelines_with_str": WRITELINES_ATOMIC,
+    **(
+        {
+            "writelines_not_iterable": "3.10 only: asyncio 3.10's writelines() is "
+            "b''.join() (TypeError 'can only join an iterable'); tokioloop's native "
+            "writelines iterates ('int' object is not iterable)"
+        }
+        if PY310
+        else {}
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=_ODD_XFAIL[c]))
+        if c in _ODD_XFAIL
+        else c
+        for c in _odd_payloads()
+    ],
+)
+def test_write_odd_payloads(case: str) -> None:
+    """write() / writelines() with payloads asyncio sees in the wild, each on
+    a fresh connection followed by a marker write: the same exception, the
+    same bytes on the wire, the same exception handler calls."""
+
+    async def main(loop: Any) -> tuple[tuple[str, str], bytes, bool]:
+        payload = _odd_payloads()[case]
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        tr, _ = await loop.create_connection(P, sock=a)
+        try:
+            if isinstance(payload, tuple):
+                tr.writelines(payload[1])
+            else:
+                tr.write(payload)
+            result = ("ok", "")
+        except Exception as exc:  # noqa: BLE001
+            result = (type(exc).__name__, str(exc))
+        await asyncio.sleep(0)
+        tr.write(b"|marker")
+        closing = tr.is_closing()
+        tr.close()
+        received = b""
+        while chunk := await loop.sock_recv(b, 65536):
+            received += chunk
+        b.close()
+        return result, received, closing
+
+    with fds_released():
+        got = {name: run_on(f, main) for name, f in LOOPS.items()}
+    assert got["tokioloop"].result == got["asyncio"].result
+    assert _handled(got["tokioloop"].errors) == _handled(got["asyncio"].errors)
