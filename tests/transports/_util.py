@@ -183,6 +183,14 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def quiet_window() -> None:
+    """Give the loop many iterations and a little time, for checks that
+    something does NOT happen (no event exists for that)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.02)
+
+
 #: tokioloop's DatagramTransport starts its native receiver from
 #: `_add_reader`, which asks `self.is_reading()`; on 3.10 asyncio's datagram
 #: transport has no is_reading() (only the socket transport has), so the

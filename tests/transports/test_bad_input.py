@@ -714,11 +714,11 @@ _ODD_XFAIL = {
     "writelines_with_str": WRITELINES_ATOMIC,
     **(
         {
-            "writelines_not_iterable": "3.10 only: asyncio 3.10's writelines() is "
+            "writelines_not_iterable": "before 3.12 asyncio's writelines() is "
             "b''.join() (TypeError 'can only join an iterable'); tokioloop's native "
             "writelines iterates ('int' object is not iterable)"
         }
-        if PY310
+        if sys.version_info < (3, 12)
         else {}
     ),
 }

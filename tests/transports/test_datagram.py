@@ -370,12 +370,18 @@ def test_sendto_after_close() -> None:
 class Plain(asyncio.DatagramProtocol):
     """Weak-referenceable (asyncio's protocol classes have __slots__)."""
 
+    def connection_made(self, transport: Any) -> None:
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(exc)
+
 
 async def _closed_endpoint(loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
     tr, p = await loop.create_datagram_endpoint(Plain, local_addr=("127.0.0.1", 0))
     tr.sendto(b"x", tr.get_extra_info("sockname"))
     tr.close()
-    await asyncio.sleep(0.01)
+    await p.lost
     return weakref.ref(tr), weakref.ref(p)
 
 

@@ -13,7 +13,18 @@ from typing import Any
 
 import pytest
 
-from ._util import LOOPS, call_outcome, exc_name, fds_released, on_both, outcome, run_on
+from ._util import (
+    LOOPS,
+    call_outcome,
+    exc_name,
+    fds_released,
+    on_both,
+    outcome,
+    pending_bytes,
+    quiet_window,
+    run_on,
+    wait_until,
+)
 
 
 class Reader(asyncio.Protocol):
@@ -141,8 +152,7 @@ def test_reader_closes_first(queued: bool) -> None:
             assert wtr.get_write_buffer_size() > 0
         else:
             wtr.write(b"hello")
-            while rp.n < 5:
-                await asyncio.sleep(0.001)
+            await wait_until(lambda: rp.n >= 5)
         rtr.close()
         await rp.lost
         await asyncio.wait_for(wp.lost, 1)  # asyncio: at once
@@ -220,7 +230,11 @@ def test_read_pipe_pause_resume_and_many_small_writes() -> None:
             chunk = b"%05d," % i
             expected.update(chunk)
             wtr.write(chunk)
-        await asyncio.sleep(0.02)
+        # all of it is in the pipe (60 KB fit), waiting for us
+        rfd = rtr.get_extra_info("pipe").fileno()
+        await wait_until(lambda: wtr.get_write_buffer_size() == 0)
+        assert pending_bytes(rfd) == 60_000
+        await quiet_window()
         seen_while_paused = rp.n
         rtr.resume_reading()
         wtr.close()

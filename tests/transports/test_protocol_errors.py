@@ -16,7 +16,7 @@ import pytest
 
 import tokioloop
 
-from ._util import call_outcome, exc_name, fds_released, on_both, open_fds
+from ._util import call_outcome, exc_name, fds_released, on_both, open_fds, wait_until
 
 READONLY_BUFFER = (
     "get_buffer() returning a read-only buffer (bytes): asyncio's recv_into() fails with "
@@ -107,26 +107,44 @@ def test_protocol_callback_faults(fault: str) -> None:
         b.setblocking(False)
         tr, _ = await loop.create_connection(lambda: make_protocol(fault, loop, record), sock=a)
         await asyncio.sleep(0)
-        await loop.sock_sendall(b, b"some data")
-        b.shutdown(socket.SHUT_WR)
-        # a write that goes over the high-water mark (then drains)
+
+        async def read_peer(n: int | None) -> int:
+            """Read up to n bytes (None: to the end) from the peer socket."""
+            got = 0
+            while n is None or got < n:
+                try:
+                    chunk = await loop.sock_recv(b, 65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += len(chunk)
+            return got
+
+        def lost() -> bool:
+            return any(isinstance(r, tuple) for r in record)
+
+        # 1. flow control: over the high-water mark, then drained
         if not tr.is_closing():
             tr.write(b"w" * 300_000)
-        got = 0
-        while True:
-            try:
-                chunk = await asyncio.wait_for(loop.sock_recv(b, 65536), 1)
-            except (asyncio.TimeoutError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            got += len(chunk)
-            if got >= 300_000:
-                tr.close()
-        for _ in range(5):
-            await asyncio.sleep(0)
+            await read_peer(300_000)
+            await wait_until(lambda: "resume" in record or lost())
+        # 2. data, then EOF from the peer
+        if not lost():
+            await loop.sock_sendall(b, b"some data")
+            await wait_until(lambda: "data" in record or lost())
+        if not lost():
+            b.shutdown(socket.SHUT_WR)
+            await wait_until(lambda: "eof" in record or lost())
+        # 3. our close
+        tr.close()
+        await read_peer(None)
+        await wait_until(lost)
         b.close()
-        return {"record": record, "closing": tr.is_closing()}
+        return {
+            "record": record,
+            "closing": tr.is_closing(),
+        }
 
     with fds_released():
         runs = on_both(main, timeout=5)

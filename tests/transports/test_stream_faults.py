@@ -24,6 +24,7 @@ from ._util import (
     on_both,
     outcome,
     pending_bytes,
+    quiet_window,
     run_on,
     set_linger_reset,
     wait_until,
@@ -472,11 +473,6 @@ def test_pause_reading_stops_data_received(kind: str, sockdir: str) -> None:
         peer = await raw_peer(loop, kind, addr)
         tr = await made
         fd = tr.get_extra_info("socket").fileno()
-
-        async def quiet_window() -> None:
-            for _ in range(20):
-                await asyncio.sleep(0)
-            await asyncio.sleep(0.02)
 
         tr.pause_reading()
         assert not tr.is_reading()
