@@ -159,6 +159,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
         self._close_native()
+        self._close_network()
         self._close_self_pipe()
         self._executor_shutdown_called = True
         executor = self._default_executor

@@ -68,6 +68,14 @@ class NetworkMixin:
         self._transports = weakref.WeakValueDictionary()
         self._unix_server_sockets = {}
         self._selector = _SelectorView(self)
+        # pidfds of children still running (closed with the loop).
+        self._child_pidfds: set[int] = set()
+
+    def _close_network(self) -> None:
+        """Loop closing: release what child watching holds (the reactor
+        has already dropped its readers)."""
+        while self._child_pidfds:
+            os.close(self._child_pidfds.pop())
 
     # ---- the standard library's slow paths ------------------------------
 
@@ -254,10 +262,16 @@ def _watch_child(loop: Any, pid: int, transp: Any) -> None:
             if got == 0:
                 return
             loop._remove_reader(pidfd)
+            loop._child_pidfds.discard(pidfd)
             os.close(pidfd)
             exited(status)
 
-        loop._add_reader(pidfd, on_pidfd)
+        try:
+            loop._add_reader(pidfd, on_pidfd)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        loop._child_pidfds.add(pidfd)
         return
 
     def wait_thread() -> None:

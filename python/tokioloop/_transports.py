@@ -346,7 +346,9 @@ class DatagramTransport(selector_events._SelectorDatagramTransport):
             native.set_protocol(protocol)
 
     def _add_reader(self, fd: int, callback: Any, *args: Any) -> None:
-        if not self.is_reading():
+        # Not is_reading(): 3.10's datagram transport has no pause/resume, so
+        # its is_reading() is the abstract one that raises.
+        if self._closing or getattr(self, "_paused", False):
             return
         if callback == self._read_ready and not args:
             self._native.start()

@@ -31,7 +31,8 @@ use super::oserror;
 use super::pyobjs;
 use super::selector::{Selector, Watcher, READ, WRITE};
 use super::timers::Timers;
-use crate::transports::{stream::MAX_READ, Source};
+use crate::transports::stream::{StreamCore, MAX_READ};
+use crate::transports::Source;
 use std::collections::HashMap;
 
 /// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day at once.
@@ -311,6 +312,13 @@ impl LoopCore {
     #[inline]
     pub(crate) fn push_ready(&self, py: Python<'_>, job: Job) {
         self.state.with(py, |st| st.ready.push_back(job));
+    }
+
+    /// Queue work as call_soon would: refused once the loop is closed.
+    pub(crate) fn push_ready_open(&self, py: Python<'_>, job: Job) -> PyResult<()> {
+        self.check_closed()?;
+        self.push_ready(py, job);
+        Ok(())
     }
 
     /// Queue work from any thread and wake the loop.
@@ -705,7 +713,10 @@ impl LoopCore {
                 res
             }
             Job::Io(fd, kind, op) => super::sock::run_op(slf, fd, kind, op),
-            Job::Call(f) => Self::report_native(slf, f(py)),
+            Job::Resolve(fut, res) => Self::report_native(slf, super::dns::resolve(py, fut, res)),
+            Job::Stream(core, job) => {
+                Self::report_native(slf, StreamCore::run_job(core.bind(py), job))
+            }
             Job::Source(src, kind) => Self::report_native(slf, src.on_ready(py, kind)),
             Job::Reader(r) => Self::report_native(slf, r.on_ready(py)),
         }

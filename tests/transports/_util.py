@@ -196,10 +196,4 @@ async def quiet_window() -> None:
 #: transport has no is_reading() (only the socket transport has), so the
 #: inherited ReadTransport.is_reading raises NotImplementedError in the
 #: callback asyncio schedules from __init__: nothing is ever received.
-PY310_DATAGRAM_BUG = (
-    "3.10 only: DatagramTransport._add_reader (python/tokioloop/_transports.py) calls "
-    "self.is_reading(), which asyncio 3.10's _SelectorDatagramTransport does not define "
-    "(ReadTransport.is_reading raises NotImplementedError): 'Exception in callback "
-    "DatagramTransport._add_reader', the endpoint never receives"
-)
 PY310 = sys.version_info < (3, 11)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ._util import LOOPS, PY310, PY310_DATAGRAM_BUG, fds_released, free_port, ipv6_available, run_on
+from ._util import LOOPS, fds_released, free_port, ipv6_available, run_on
 
 
 @dataclass
@@ -586,46 +586,7 @@ def _describe(exc: BaseException | None, result: Any) -> tuple[str, str]:
     return type(exc).__name__, _norm(str(exc))
 
 
-ERRNO_BUG = (
-    "native transports raise OSErrors built from Rust io::Error (pyo3's From<io::Error>): "
-    "errno is None and str() is 'Broken pipe (os error 32)' instead of '[Errno 32] Broken "
-    "pipe' (src/transports/stream.rs os_error())"
-)
-FLOW_CONTROL_MIXIN_BUG = (
-    "loop.sendfile()'s fallback (asyncio's _SendfileFallbackProtocol) requires a "
-    "transports._FlowControlMixin; tokioloop's SocketTransport is not one: TypeError "
-    "'transport should be _FlowControlMixin instance' (python/tokioloop/_transports.py)"
-)
-XFAIL = {
-    **(
-        {
-            name: PY310_DATAGRAM_BUG
-            for name in CASES
-            if name.startswith("datagram_sendto_")
-            or name
-            in (
-                "connected_datagram_sendto_other_address",
-                "sendfile_datagram_transport",
-                "start_tls_datagram_transport",
-            )
-        }
-        if PY310
-        else {}
-    ),
-    "connect_unconnected_sock": ERRNO_BUG,
-    "start_tls_peer_closes": ERRNO_BUG,
-    "sendfile_not_a_real_file": FLOW_CONTROL_MIXIN_BUG,
-    "sendfile_write_only_file": FLOW_CONTROL_MIXIN_BUG,
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL[n])) if n in XFAIL else n
-        for n in sorted(CASES)
-    ],
-)
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_same_outcome_as_asyncio(name: str, env: Env) -> None:
     fn = CASES[name]
 
@@ -666,25 +627,6 @@ def test_refused_is_connection_refused_error() -> None:
     assert exc.errno == errno.ECONNREFUSED
 
 
-TYPE_MESSAGE = (
-    "write() of a non-bytes-like object: tokioloop says 'data argument must be a "
-    'bytes-like object, not "str"\' (Rust {:?} quoting, src/transports/stream.rs '
-    "check_data), asyncio 'not 'str'' (repr of the type name)"
-)
-NON_CONTIGUOUS = (
-    "write(non-contiguous memoryview): asyncio's send() fails inside the transport, a "
-    "'Fatal write error on socket transport' (BufferError) that closes the connection; "
-    "tokioloop raises BufferError to the caller from write() (with_bytes/PyBUF_SIMPLE, "
-    "src/transports/stream.rs) and the connection stays open"
-)
-WRITELINES_ATOMIC = (
-    "writelines() with a bad item: asyncio converts every item before queueing any "
-    "(nothing is sent, TypeError); tokioloop writes item by item (StreamCore.writelines, "
-    "src/transports/stream.rs), so the items before the bad one are already sent when the "
-    "TypeError comes"
-)
-
-
 def _odd_payloads() -> dict[str, Any]:
     import array
 
@@ -705,34 +647,7 @@ def _odd_payloads() -> dict[str, Any]:
     }
 
 
-_ODD_XFAIL = {
-    "non_contiguous": NON_CONTIGUOUS,
-    "str": TYPE_MESSAGE,
-    "int": TYPE_MESSAGE,
-    "list": TYPE_MESSAGE,
-    "none": TYPE_MESSAGE,
-    "writelines_with_str": WRITELINES_ATOMIC,
-    **(
-        {
-            "writelines_not_iterable": "before 3.12 asyncio's writelines() is "
-            "b''.join() (TypeError 'can only join an iterable'); tokioloop's native "
-            "writelines iterates ('int' object is not iterable)"
-        }
-        if sys.version_info < (3, 12)
-        else {}
-    ),
-}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=_ODD_XFAIL[c]))
-        if c in _ODD_XFAIL
-        else c
-        for c in _odd_payloads()
-    ],
-)
+@pytest.mark.parametrize("case", list(_odd_payloads()))
 def test_write_odd_payloads(case: str) -> None:
     """write() / writelines() with payloads asyncio sees in the wild, each on
     a fresh connection followed by a marker write: the same exception, the

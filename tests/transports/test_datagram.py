@@ -18,8 +18,6 @@ import tokioloop
 
 from ._util import (
     LOOPS,
-    PY310,
-    PY310_DATAGRAM_BUG,
     fds_released,
     free_port,
     ipv6_available,
@@ -29,21 +27,6 @@ from ._util import (
 
 #: Every scenario here takes milliseconds; a hang fails after this long.
 SHORT = 2.0
-
-broken_on_310 = pytest.mark.xfail(PY310, strict=True, reason=PY310_DATAGRAM_BUG)
-
-ERRNO_BUG = (
-    "DatagramCore builds the OSErrors it hands to error_received() from Rust io::Error "
-    "(pyo3's From<io::Error>, src/transports/datagram.rs receive_one/try_sendto): errno is "
-    "None and str() is 'Connection refused (os error 111)', not '[Errno 111] Connection "
-    "refused'"
-)
-DATAGRAM_CYCLE = (
-    "DatagramCore (src/transports/datagram.rs) holds the loop, socket, transport and "
-    "protocol but has no __traverse__/__clear__: the cycle transport._native <-> "
-    "DatagramCore.transport is invisible to the GC, so every datagram transport, its "
-    "protocol and its loop stay alive forever, even after close()"
-)
 
 
 class Collect(asyncio.DatagramProtocol):
@@ -93,7 +76,6 @@ FAMILIES = [
 
 
 @pytest.mark.parametrize(("family", "host"), FAMILIES)
-@broken_on_310
 def test_sendto_recvfrom_round_trip(family: int, host: str) -> None:
     """An echo endpoint and a client: payload types asyncio accepts, the
     peer addresses as asyncio reports them (2- or 4-tuples), in order."""
@@ -133,7 +115,6 @@ def test_sendto_recvfrom_round_trip(family: int, host: str) -> None:
     assert all(ok for _, ok in ours["client_got"]) and all(ours["server_saw"])
 
 
-@broken_on_310
 def test_empty_datagram() -> None:
     """b'' is sent or not as asyncio of this version does it."""
 
@@ -178,7 +159,6 @@ def _refused_scenario(port: int) -> Any:
     return main
 
 
-@broken_on_310
 def test_connected_udp_refused_goes_to_error_received() -> None:
     runs = on_both(_refused_scenario(free_port(kind=socket.SOCK_DGRAM)))
     ref, ours = runs["asyncio"].result, runs["tokioloop"].result
@@ -187,7 +167,6 @@ def test_connected_udp_refused_goes_to_error_received() -> None:
     assert runs["tokioloop"].errors == []
 
 
-@pytest.mark.xfail(strict=True, reason=ERRNO_BUG)
 def test_connected_udp_refused_error_has_errno() -> None:
     runs = on_both(_refused_scenario(free_port(kind=socket.SOCK_DGRAM)))
     ref, ours = runs["asyncio"].result, runs["tokioloop"].result
@@ -195,7 +174,6 @@ def test_connected_udp_refused_error_has_errno() -> None:
     assert ours[0] == ref[0]
 
 
-@pytest.mark.xfail(strict=True, reason=ERRNO_BUG)
 def test_sendto_error_goes_to_error_received_with_errno() -> None:
     """A broadcast without SO_BROADCAST: EACCES, reported to
     error_received() (the transport stays open)."""
@@ -222,16 +200,6 @@ def sockdir() -> Any:
         yield d
 
 
-UNIX_ADDR = (
-    "the native receive path reports the sender of an AF_UNIX datagram as None: "
-    "sockaddr_to_py() only decodes IP addresses and the fallback is sock.getpeername(), "
-    "which an unconnected socket does not have (src/transports/datagram.rs receive_one); "
-    "asyncio passes the sender's path, so an echo server's sendto(data, addr) dies with "
-    "TypeError (fatal error on the transport)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=UNIX_ADDR)
 def test_unix_datagram_round_trip(sockdir: str) -> None:
     """AF_UNIX datagram endpoints bound to paths: addresses are the paths."""
 
@@ -268,7 +236,6 @@ def test_unix_datagram_round_trip(sockdir: str) -> None:
     assert ours["client_addrs"] == {True} and ours["server_addrs"] == {True}
 
 
-@broken_on_310
 def test_flow_control_when_the_receiver_stalls(sockdir: str) -> None:
     """Unix datagram sockets: while the receiver does not read, its
     queue fills, sendto() would block and the transport buffers; past the
@@ -318,7 +285,6 @@ def test_flow_control_when_the_receiver_stalls(sockdir: str) -> None:
     assert runs["tokioloop"].errors == []
 
 
-@broken_on_310
 def test_burst_of_datagrams_in_order() -> None:
     """2,000 datagrams sent in one go on loopback, with a receive buffer
     big enough for all of them: all arrive, in order."""
@@ -396,7 +362,6 @@ def _freed_after_close(factory: Any) -> tuple[bool, bool]:
     return wtr() is None, wp() is None
 
 
-@pytest.mark.xfail(strict=True, reason=DATAGRAM_CYCLE)
 def test_closed_datagram_transport_is_freed() -> None:
     assert _freed_after_close(asyncio.SelectorEventLoop) == (True, True)
     assert _freed_after_close(tokioloop.new_event_loop) == (True, True)

@@ -25,61 +25,16 @@ from .conftest import Certs
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "_close_scenarios.py")
 
-DATAGRAM_CYCLE = (
-    "DatagramCore (src/transports/datagram.rs) holds strong references to the loop, the "
-    "socket, the transport and the protocol but has no __traverse__/__clear__, so the cycle "
-    "transport._native <-> DatagramCore.transport is invisible to the GC: a datagram "
-    "transport is never freed, its socket is never closed by the finalizer and no "
-    "'unclosed transport' ResourceWarning is given"
-)
-QUEUED_CLOSURE = (
-    "Job::Call closures in the ready queue are not visited by LoopCore.__traverse__ "
-    "(src/loop/job.rs Job::visit: `Job::Call(_) => Ok(())`): a loop dropped unclosed while "
-    "a transport's connection_lost() is queued (here: StreamWriter.__del__ closed the "
-    "transport) is never collected: no 'unclosed event loop' warning, and the loop's "
-    "epoll/eventfd and every transport's fd leak"
-)
-
-PIDFD_LEAK = (
-    "closing (or dropping) the loop while a child runs leaks the child's pidfd: "
-    "_watch_child (python/tokioloop/_network.py) closes it only in its reader callback, "
-    "which never runs once the loop is closed; asyncio 3.11's PidfdChildWatcher does not "
-    "leak it (3.12+'s does, so there the two agree)"
-)
-PRE_312 = sys.version_info < (3, 12)
 
 SCENARIOS = [
-    pytest.param("streams_open", id="streams_open"),
-    pytest.param(
-        "datagram_open",
-        id="datagram_open",
-        marks=pytest.mark.xfail(strict=True, reason=DATAGRAM_CYCLE),
-    ),
-    pytest.param("tls_handshake_pending", id="tls_handshake_pending"),
-    pytest.param(
-        "subprocess_running",
-        id="subprocess_running",
-        marks=pytest.mark.xfail(PRE_312, strict=True, reason=PIDFD_LEAK),
-    ),
-    pytest.param(
-        "streams_open+drop_loop",
-        id="streams_open+drop_loop",
-        # StreamWriter.__del__ (3.11+) closes the transport: a closure queued
-        marks=pytest.mark.xfail(
-            "__del__" in vars(asyncio.StreamWriter), strict=True, reason=QUEUED_CLOSURE
-        ),
-    ),
-    pytest.param(
-        "datagram_open+drop_loop",
-        id="datagram_open+drop_loop",
-        marks=pytest.mark.xfail(strict=True, reason=DATAGRAM_CYCLE),
-    ),
-    pytest.param("tls_handshake_pending+drop_loop", id="tls_handshake_pending+drop_loop"),
-    pytest.param(
-        "subprocess_running+drop_loop",
-        id="subprocess_running+drop_loop",
-        marks=pytest.mark.xfail(PRE_312, strict=True, reason=PIDFD_LEAK),
-    ),
+    "streams_open",
+    "datagram_open",
+    "tls_handshake_pending",
+    "subprocess_running",
+    "streams_open+drop_loop",
+    "datagram_open+drop_loop",
+    "tls_handshake_pending+drop_loop",
+    "subprocess_running+drop_loop",
 ]
 
 
@@ -103,8 +58,8 @@ def test_close_with_open_transports(scenario: str, certs: Certs) -> None:
     ref = _run_scenario("asyncio", scenario, certs)
     ours = _run_scenario("tokioloop", scenario, certs)
     assert ours["handled"] == ref["handled"]
-    # asyncio's pidfd child watcher leaks its pidfd when the loop goes away
-    # with the child running (tokioloop's does the same); nothing else may
+    # asyncio 3.12+'s pidfd child watcher leaks its pidfd when the loop goes
+    # away with the child running (tokioloop's closes it); nothing else may
     # stay open.
     assert [k for k in ours["leaked"] if "pidfd" not in k] == []
     assert ours["leaked"].count("anon_inode:[pidfd]") <= ref["leaked"].count("anon_inode:[pidfd]")
@@ -118,9 +73,8 @@ def test_close_with_open_transports(scenario: str, certs: Certs) -> None:
     assert sum(extra.values()) == len(ref_leaks), (extra, ref, ours)
 
 
-@pytest.mark.xfail(strict=True, reason=QUEUED_CLOSURE)
 def test_dropped_loop_with_queued_connection_lost_is_collected() -> None:
-    """Minimal form of the streams_open+drop_loop failure above."""
+    """A loop dropped unclosed while a connection_lost() is queued is collected."""
     results = {}
     for name, factory in (
         ("asyncio", asyncio.SelectorEventLoop),

@@ -121,20 +121,10 @@ def test_round_trip_writer_closes_first() -> None:
         assert ours[key] == ref[key], key
 
 
-IDLE_HANGUP = (
-    "an idle WritePipeTransport never learns that the read end closed: the hang-up "
-    "watcher polls *read* readiness (src/transports/stream.rs _start/arm(READ), "
-    "on_write_pipe_hangup), but epoll reports a widowed pipe's write end as EPOLLERR "
-    "(+EPOLLOUT), which Tokio turns into WRITE_CLOSED/ERROR readiness, not READABLE; "
-    "asyncio's selector maps EPOLLERR to the reader callback and calls "
-    "connection_lost(None) at once. Here: no connection_lost until a later write() fails"
-)
-
-
 @pytest.mark.parametrize(
     "queued",
     [
-        pytest.param(False, id="idle", marks=pytest.mark.xfail(strict=True, reason=IDLE_HANGUP)),
+        pytest.param(False, id="idle"),
         pytest.param(True, id="data_queued"),
     ],
 )

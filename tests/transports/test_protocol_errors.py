@@ -18,12 +18,6 @@ import tokioloop
 
 from ._util import call_outcome, exc_name, fds_released, on_both, open_fds, wait_until
 
-READONLY_BUFFER = (
-    "get_buffer() returning a read-only buffer (bytes): asyncio's recv_into() fails with "
-    "TypeError, reported as 'Fatal read error on socket transport'; tokioloop's "
-    "PyObject_GetBuffer(PyBUF_WRITABLE) fails with BufferError, reported as 'Fatal error: "
-    "protocol.get_buffer() call failed.' (src/transports/stream.rs read_buffered)"
-)
 FAULTS = [
     "data_received",
     "eof_received",
@@ -33,9 +27,7 @@ FAULTS = [
     "resume_writing",
     "get_buffer_raises",
     "get_buffer_empty",
-    pytest.param(
-        "get_buffer_readonly", marks=pytest.mark.xfail(strict=True, reason=READONLY_BUFFER)
-    ),
+    "get_buffer_readonly",
     "get_buffer_not_a_buffer",
     "buffer_updated",
 ]
@@ -164,15 +156,6 @@ def test_protocol_callback_faults(fault: str) -> None:
     assert runs["tokioloop"].result == runs["asyncio"].result
 
 
-CLOSED_LOOP = (
-    "after loop.close(), transport methods that schedule work (abort(), resume_reading(), "
-    "close() with an empty buffer) queue a native Job::Call on the closed loop instead of "
-    "raising RuntimeError('Event loop is closed') as asyncio's call_soon does; the job never "
-    "runs and, as Job::Call is not traversed (src/loop/job.rs), the loop becomes "
-    "uncollectable, leaking its eventfd/epoll fds and the transport's socket"
-)
-
-
 def _poke_all(tr: Any) -> dict[str, tuple[str, str]]:
     calls = {
         "pause_reading": tr.pause_reading,
@@ -185,7 +168,6 @@ def _poke_all(tr: Any) -> dict[str, tuple[str, str]]:
     return {k: call_outcome(f) for k, f in calls.items()}
 
 
-@pytest.mark.xfail(strict=True, reason=CLOSED_LOOP)
 def test_transport_used_after_its_loop_closed() -> None:
     """Every method of a socket transport after loop.close(): no crash, the
     same outcomes as asyncio's, and the loop and socket are freed."""

@@ -9,7 +9,6 @@ import hashlib
 import io
 import os
 import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -175,14 +174,6 @@ def test_sendfile_peer_goes_away(bigfile: tuple[str, bytes]) -> None:
     assert ours[1] == ref[1]
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 11),
-    strict=True,
-    reason="3.10 only: asyncio 3.10's TLS transport reads _protocol_paused (a "
-    "transports._FlowControlMixin attribute) of the transport below it for the sendfile "
-    "fallback; tokioloop's SocketTransport has none: AttributeError "
-    "(python/tokioloop/_transports.py)",
-)
 def test_sendfile_over_tls(bigfile: tuple[str, bytes], certs: Certs) -> None:
     """TLS transports cannot sendfile natively: asyncio's fallback reads the
     file and writes it through the TLS layer."""
@@ -212,13 +203,6 @@ def test_sendfile_over_tls(bigfile: tuple[str, bytes], certs: Certs) -> None:
     assert run.result == (count, hashlib.sha256(want).digest())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loop.sendfile()'s fallback (asyncio's _SendfileFallbackProtocol) requires a "
-    "transports._FlowControlMixin; tokioloop's SocketTransport (python/tokioloop/"
-    "_transports.py) is an asyncio.Transport only: TypeError 'transport should be "
-    "_FlowControlMixin instance'",
-)
 def test_sendfile_fallback_over_a_native_transport() -> None:
     """A file object without a usable fd (BytesIO): the fallback path."""
     payload = os.urandom(3 << 20)

@@ -520,12 +520,6 @@ def test_pause_reading_stops_data_received(kind: str, sockdir: str) -> None:
         assert run.errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="native stream transports build OSErrors from Rust io::Error (pyo3's "
-    "From<io::Error>, src/transports/stream.rs os_error()): errno/strerror are None and "
-    "str() is 'Broken pipe (os error 32)', not '[Errno 32] Broken pipe' as asyncio's",
-)
 @pytest.mark.parametrize("where", ["write", "read"])
 def test_transport_oserrors_carry_errno(where: str) -> None:
     """connection_lost() gets an OSError with errno and strerror set, as
@@ -565,14 +559,6 @@ def test_transport_oserrors_carry_errno(where: str) -> None:
     assert runs["tokioloop"].result == ref
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after eof_received() returns True the native core sets paused=true "
-    "(src/transports/stream.rs on_eof: `s.paused = true`) instead of only stopping the "
-    "reader as asyncio does: is_reading() turns False (asyncio: True), and a bare "
-    "resume_reading() (a no-op on asyncio, the transport is not paused) re-arms reading, "
-    "reads the EOF again and calls eof_received() a second time",
-)
 @pytest.mark.parametrize("kind", KINDS)
 def test_eof_kept_open_then_resume_reading(kind: str, sockdir: str) -> None:
     """eof_received() returns True (keep the transport open for writing);

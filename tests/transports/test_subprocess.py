@@ -10,8 +10,6 @@ import signal
 import sys
 from typing import Any
 
-import pytest
-
 from ._util import LOOPS, exc_name, fds_released, on_both, run_on
 
 PY = sys.executable
@@ -222,12 +220,6 @@ def test_communicate_a_large_payload_both_ways() -> None:
     assert run.result == (len(payload), hashlib.sha256(payload).digest(), 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the child's stdin is a WritePipeTransport: when the child exits the idle pipe "
-    "never reports its reader gone (see test_pipes IDLE_HANGUP), so pipe_connection_lost(0) "
-    "and the SubprocessProtocol's connection_lost() never come (asyncio: at once)",
-)
 def test_child_exits_with_our_stdin_pipe_idle() -> None:
     """We keep the child's stdin open and idle; the child exits. asyncio
     reports pipe_connection_lost(0), process_exited(), connection_lost()."""

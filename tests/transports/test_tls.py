@@ -86,15 +86,10 @@ def test_plain_bytes_to_a_tls_server(certs: Certs, debug: bool) -> None:
     assert handled["tokioloop"] == handled["asyncio"]
 
 
-ERRNO_BUG = (
-    "native transports raise OSErrors built from Rust io::Error (pyo3's From<io::Error>): "
-    "errno is None and str() is 'Connection reset by peer (os error 104)' instead of "
-    "'[Errno 104] Connection reset by peer' (src/transports/stream.rs os_error())"
-)
 PLAIN_SERVERS = [
     "http_reply",
-    pytest.param("close_at_once", marks=pytest.mark.xfail(strict=True, reason=ERRNO_BUG)),
-    pytest.param("reset_at_once", marks=pytest.mark.xfail(strict=True, reason=ERRNO_BUG)),
+    "close_at_once",
+    "reset_at_once",
     "garbage_then_close",
 ]
 
