@@ -550,8 +550,11 @@ def run_job(
             continue
         fixture = _fixture_outcome_for(test_id, fixtures)
         if fixture is not None:
+            verb = "was skipped" if fixture.outcome == "skipped" else "failed"
             result.records[test_id] = TestRecord(
-                test_id, fixture.outcome, detail=f"not run: {fixture.id}: {fixture.detail}"
+                test_id,
+                fixture.outcome,
+                detail=f"not run: {fixture.id} {verb}\n{fixture.detail}",
             )
         else:
             result.records[test_id] = TestRecord(
@@ -722,7 +725,7 @@ class RunReport:
                 else:
                     print(f"          | {_first_line(p['detail'])}", file=out)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, *, with_tests: bool = False) -> dict[str, Any]:
         modules: dict[str, Any] = {}
         for o, c in zip(self.outcomes, self.classified, strict=True):
             modules[o.job.name] = {
@@ -763,7 +766,18 @@ class RunReport:
             ],
             "stale_rules": [r.describe() for r in self.stale],
             "not_applicable": self.not_applicable,
+            **({"tests": self.test_outcomes()} if with_tests else {}),
         }
+
+    def test_outcomes(self) -> dict[str, str]:
+        """Every test id with its raw outcome, or "excluded"/"n/a"."""
+        out: dict[str, str] = {}
+        for o in self.outcomes:
+            for test_id, (kind, _reason) in o.excluded.items():
+                out[test_id] = "excluded" if kind == "exclude" else "n/a"
+            for rec in o.records.values():
+                out[rec.id] = rec.outcome
+        return dict(sorted(out.items()))
 
     def to_markdown(self) -> str:
         ver = platform.python_version()
@@ -851,6 +865,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, groups: Sequence[str]) -
         "--group", choices=[*groups, "all"], default="all", help="test group (default: all)"
     )
     parser.add_argument("--json", dest="json_path", help="write a JSON summary here")
+    parser.add_argument(
+        "--json-tests", action="store_true", help="include every test's outcome in the JSON"
+    )
     parser.add_argument("--markdown", dest="md_path", help="write a Markdown table here")
     parser.add_argument(
         "--test-timeout",
@@ -876,7 +893,8 @@ def finish(report: RunReport, args: argparse.Namespace) -> int:
     report.print(verbose=args.verbose)
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        data = report.to_json(with_tests=args.json_tests)
+        Path(args.json_path).write_text(json.dumps(data, indent=1) + "\n")
     if args.md_path:
         Path(args.md_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md_path).write_text(report.to_markdown())

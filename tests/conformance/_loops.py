@@ -96,3 +96,29 @@ def install_default_policy(choice: LoopChoice) -> None:
 
         unix_events.DefaultEventLoopPolicy = ConformancePolicy  # type: ignore[misc]
     asyncio.set_event_loop_policy(None)
+
+
+def own_policy_class(choice: LoopChoice) -> type[asyncio.AbstractEventLoopPolicy]:
+    """The measured loop's *own* policy class (uvloop.EventLoopPolicy,
+    tokioloop.EventLoopPolicy; asyncio's default policy for asyncio), subclassed so that the
+    loops it creates are counted."""
+    base: type[asyncio.AbstractEventLoopPolicy]
+    if choice.name == "tokioloop":
+        import tokioloop
+
+        base = getattr(tokioloop, "EventLoopPolicy", None)  # type: ignore[assignment]
+        if base is None:
+            raise LoopUnavailable("tokioloop does not provide EventLoopPolicy yet")
+    elif choice.name == "uvloop":
+        import uvloop
+
+        base = uvloop.EventLoopPolicy
+    else:
+        base = STDLIB_DEFAULT_POLICY
+
+    class CountingPolicy(base):  # type: ignore[valid-type,misc]
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return choice.new_loop()
+
+    CountingPolicy.__qualname__ = f"{base.__qualname__}[counted]"
+    return CountingPolicy

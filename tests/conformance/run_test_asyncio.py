@@ -490,6 +490,9 @@ def plan(args: argparse.Namespace) -> tuple[list[h.Job], dict[str, str], list[st
     for name, reason in NOT_APPLICABLE.items():
         if name in installed and (not wanted or name in wanted):
             not_applicable[name] = reason
+    for name in wanted:
+        if name not in installed:
+            print(f"note: {PACKAGE}.{name} does not exist in Python {sys.version.split()[0]}")
     return jobs, not_applicable, unclassified
 
 
