@@ -48,6 +48,7 @@ ExcInfo = Union[
 
 # Raw outcomes of a test, as observed.
 FAILING_OUTCOMES = frozenset({"failed", "error", "hang", "crash"})
+STDERR_FD = 2  # the worker's stderr file: faulthandler writes there, whatever sys.stderr is
 
 # ---------------------------------------------------------------------------------------------
 # Expectation rules
@@ -203,8 +204,9 @@ class Recorder(unittest.TestResult):
 
     def _fmt(self, err: ExcInfo, test: unittest.TestCase) -> str:
         try:
-            text = self._exc_info_to_string(err, test)
-        except Exception:  # pragma: no cover - formatting must never kill the worker
+            # unittest's own formatting (drops its internal frames); private but stable
+            text = str(getattr(self, "_exc_info_to_string")(err, test))  # noqa: B009
+        except Exception:  # formatting must never kill the worker
             text = "".join(traceback.format_exception(*err))
         return text[-6000:]
 
@@ -237,7 +239,7 @@ class Recorder(unittest.TestResult):
         # and class fixtures create theirs before startTest is called.
         self._cur = _Current(test_id, time.perf_counter(), self._loops_mark)
         self._events.emit(ev="start", id=test_id)
-        faulthandler.dump_traceback_later(self._timeout, exit=True, file=sys.__stderr__)
+        faulthandler.dump_traceback_later(self._timeout, exit=True, file=STDERR_FD)
 
     def stopTest(self, test: unittest.TestCase) -> None:  # noqa: N802
         faulthandler.cancel_dump_traceback_later()
@@ -327,7 +329,7 @@ def worker_main(
     loops_created: Callable[[], int],
 ) -> int:
     """Run one job inside a worker process. Always exits 0 unless the interpreter dies."""
-    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    faulthandler.enable(file=STDERR_FD, all_threads=True)
     events = EventWriter(events_path)
     skip: set[str] = set()
     if skip_path:
@@ -646,10 +648,10 @@ def stale_rules(rules: Iterable[Rule], outcomes: Iterable[JobOutcome]) -> list[R
         ids.extend(o.excluded)
     stale = []
     for rule in rules:
-        ids = seen.get(rule.module)
-        if ids is None:
+        module_ids = seen.get(rule.module)
+        if module_ids is None:
             continue  # its module was not part of this run
-        if not any(rule.matches(i) for i in ids):
+        if not any(rule.matches(i) for i in module_ids):
             stale.append(rule)
     return stale
 

@@ -90,11 +90,11 @@ def install_default_policy(choice: LoopChoice) -> None:
             return choice.new_loop()
 
     ConformancePolicy.__qualname__ = f"ConformancePolicy[{choice.name}]"
-    asyncio.DefaultEventLoopPolicy = ConformancePolicy  # type: ignore[misc]
+    setattr(asyncio, "DefaultEventLoopPolicy", ConformancePolicy)  # noqa: B010
     if sys.platform != "win32":
         from asyncio import unix_events
 
-        unix_events.DefaultEventLoopPolicy = ConformancePolicy  # type: ignore[misc]
+        setattr(unix_events, "DefaultEventLoopPolicy", ConformancePolicy)  # noqa: B010
     asyncio.set_event_loop_policy(None)
 
 

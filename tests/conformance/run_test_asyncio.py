@@ -37,7 +37,7 @@ import sys
 import unittest
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -340,7 +340,7 @@ def _make_class(mod: Any, bind: Bind, bases: tuple[type, ...], choice: _loops.Lo
     elif bind.kind == "setUp":
 
         def set_up(self: Any) -> None:
-            super(holder[0], self).setUp()
+            super(cast(Any, holder[0]), self).setUp()
             self.loop = choice.new_loop()
             self.set_event_loop(self.loop)
 
@@ -350,7 +350,7 @@ def _make_class(mod: Any, bind: Bind, bases: tuple[type, ...], choice: _loops.Lo
 
         def new_loop(self: Any) -> asyncio.AbstractEventLoop:
             choice.note_created()
-            return recording()
+            return cast(asyncio.AbstractEventLoop, recording())
 
         attrs["new_loop"] = new_loop
     else:

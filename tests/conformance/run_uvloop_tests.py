@@ -42,7 +42,7 @@ import unittest
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -217,13 +217,13 @@ def _patch_uvloop(choice: _loops.LoopChoice) -> None:
 
     if choice.name == "uvloop":
         # upstream behaviour; only count the loops UVTestCase makes
-        original = tb.UVTestCase.new_loop
+        original: Callable[[Any], Any] = tb.UVTestCase.new_loop
 
         def counted_new_loop(self: Any) -> asyncio.AbstractEventLoop:
             choice.note_created()
-            return original(self)
+            return cast(asyncio.AbstractEventLoop, original(self))
 
-        tb.UVTestCase.new_loop = counted_new_loop  # type: ignore[method-assign]
+        setattr(tb.UVTestCase, "new_loop", counted_new_loop)  # noqa: B010
         return
 
     policy_class = _loops.own_policy_class(choice)
@@ -234,18 +234,22 @@ def _patch_uvloop(choice: _loops.LoopChoice) -> None:
     def new_policy(self: Any) -> asyncio.AbstractEventLoopPolicy:
         return policy_class()
 
-    tb.UVTestCase.new_loop = new_loop  # type: ignore[method-assign]
-    tb.UVTestCase.new_policy = new_policy  # type: ignore[method-assign]
-    tb.UVTestCase.implementation = choice.name
-    uvloop.new_event_loop = choice.new_loop  # type: ignore[assignment]
-    uvloop.Loop = choice.loop_class  # type: ignore[misc]
-    uvloop.EventLoopPolicy = policy_class  # type: ignore[attr-defined]
+    patches: dict[tuple[Any, str], Any] = {
+        (tb.UVTestCase, "new_loop"): new_loop,
+        (tb.UVTestCase, "new_policy"): new_policy,
+        (tb.UVTestCase, "implementation"): choice.name,
+        (uvloop, "new_event_loop"): choice.new_loop,
+        (uvloop, "Loop"): choice.loop_class,
+        (uvloop, "EventLoopPolicy"): policy_class,
+    }
     if choice.name == "tokioloop":
         import tokioloop
 
-        uvloop.run = tokioloop.run  # type: ignore[attr-defined]
+        patches[(uvloop, "run")] = getattr(tokioloop, "run")  # noqa: B009
     else:
-        uvloop.run = _stdlib_run(choice)  # type: ignore[assignment]
+        patches[(uvloop, "run")] = _stdlib_run(choice)
+    for (owner, name), value in patches.items():
+        setattr(owner, name, value)
 
 
 def _loop_expression(loop: str) -> str:
@@ -261,7 +265,7 @@ def _patch_module(mod: Any, loop: str) -> None:
         if isinstance(value, type) and value.__dict__.get("NEW_LOOP") == (
             "uvloop.new_event_loop()"
         ):
-            value.NEW_LOOP = _loop_expression(loop)  # type: ignore[attr-defined]
+            setattr(value, "NEW_LOOP", _loop_expression(loop))  # noqa: B010
 
 
 def rel_id(test: unittest.TestCase) -> str:
