@@ -330,6 +330,13 @@ def worker_main(
 ) -> int:
     """Run one job inside a worker process. Always exits 0 unless the interpreter dies."""
     faulthandler.enable(file=STDERR_FD, all_threads=True)
+    # A runner started in the background by a non-interactive shell inherits SIGINT and SIGQUIT
+    # ignored, and so would every program the tests spawn (ignored dispositions survive exec):
+    # tests that interrupt a child then hang. Give the tests a foreground process's signals.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "SIGQUIT") and signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     events = EventWriter(events_path)
     skip: set[str] = set()
     if skip_path:
