@@ -416,7 +416,7 @@ def _signal_name(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -447,11 +447,11 @@ def _spawn(cmd: list[str], skip: set[str], worker_timeout: float, env: dict[str,
                 returncode = proc.wait(timeout=worker_timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 returncode = proc.wait()
             finally:
                 # also ends whatever the tests left behind in the worker's session
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
         events: list[dict[str, Any]] = []
         if os.path.exists(events_path):
             for line in Path(events_path).read_text().splitlines():

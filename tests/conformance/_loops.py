@@ -5,15 +5,27 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 
 class LoopUnavailable(RuntimeError):
     pass
 
 
+def _stdlib_default_policy() -> type[asyncio.AbstractEventLoopPolicy]:
+    # 3.14 deprecates the public name; the private one is what asyncio itself instantiates there
+    if sys.platform == "win32":
+        from asyncio import windows_events as platform_events
+    else:
+        from asyncio import unix_events as platform_events
+    private = getattr(platform_events, "_DefaultEventLoopPolicy", None)
+    if isinstance(private, type):
+        return private
+    return cast(type[asyncio.AbstractEventLoopPolicy], asyncio.DefaultEventLoopPolicy)
+
+
 # The stdlib's default policy class, captured before a runner replaces it.
-STDLIB_DEFAULT_POLICY: type[asyncio.AbstractEventLoopPolicy] = asyncio.DefaultEventLoopPolicy
+STDLIB_DEFAULT_POLICY: type[asyncio.AbstractEventLoopPolicy] = _stdlib_default_policy()
 
 
 class LoopChoice:
@@ -90,11 +102,15 @@ def install_default_policy(choice: LoopChoice) -> None:
             return choice.new_loop()
 
     ConformancePolicy.__qualname__ = f"ConformancePolicy[{choice.name}]"
-    setattr(asyncio, "DefaultEventLoopPolicy", ConformancePolicy)  # noqa: B010
-    if sys.platform != "win32":
-        from asyncio import unix_events
-
-        setattr(unix_events, "DefaultEventLoopPolicy", ConformancePolicy)  # noqa: B010
+    if sys.platform == "win32":
+        from asyncio import windows_events as platform_events
+    else:
+        from asyncio import unix_events as platform_events
+    # every name asyncio may instantiate its default policy from (3.14: the private one)
+    for owner in (asyncio, platform_events):
+        for name in ("DefaultEventLoopPolicy", "_DefaultEventLoopPolicy"):
+            if name in vars(owner):
+                setattr(owner, name, ConformancePolicy)
     asyncio.set_event_loop_policy(None)
 
 

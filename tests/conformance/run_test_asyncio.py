@@ -315,16 +315,22 @@ def _resolve(mod: Any, dotted: str) -> Any:
 
 def _recording_loop_class(choice: _loops.LoopChoice) -> type[Any]:
     base = choice.loop_class
+    try:
 
-    class RecordingLoop(base):  # type: ignore[valid-type,misc]
-        """The chosen loop, noting that shutdown_asyncgens() ran (test_runners checks it)."""
+        class RecordingLoop(base):  # type: ignore[valid-type,misc]
+            """The chosen loop, noting that shutdown_asyncgens() ran (test_runners checks)."""
 
-        shutdown_ag_run = False
+            shutdown_ag_run = False
 
-        async def shutdown_asyncgens(self) -> None:
-            self.shutdown_ag_run = True
-            await super().shutdown_asyncgens()
+            async def shutdown_asyncgens(self) -> None:
+                self.shutdown_ag_run = True
+                await super().shutdown_asyncgens()
 
+    except TypeError as exc:
+        raise RuntimeError(
+            f"test_runners needs a subclass of {base.__module__}.{base.__qualname__}, which "
+            f"cannot be subclassed ({exc})"
+        ) from exc
     return RecordingLoop
 
 

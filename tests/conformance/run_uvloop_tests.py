@@ -334,7 +334,13 @@ def worker(args: argparse.Namespace) -> int:
 
 
 _UPSTREAM_SCRIPT = r"""
-import json, sys, unittest
+import json, signal, sys, unittest
+
+# as in a foreground shell, even if the runner was started in the background (see _harness)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 class Result(unittest.TestResult):
     def __init__(self):
@@ -366,15 +372,26 @@ def compare_upstream(
     process, nothing patched) and list the tests whose outcome differs from this runner's."""
     out = tests_dir.parent / ".upstream-outcomes.json"
     print(f"\ncompare-upstream: running `unittest discover tests` in {tests_dir.parent} ...")
-    subprocess.run(
+    out.unlink(missing_ok=True)
+    proc = subprocess.Popen(
         [sys.executable, "-c", _UPSTREAM_SCRIPT, str(out)],
         cwd=tests_dir.parent,
         env=env,
-        timeout=timeout,
-        check=True,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        h.kill_group(proc.pid)  # also whatever the tests left running
+        proc.wait()
+    if not out.exists():
+        print(f"compare-upstream: the upstream-style run did not finish ({proc.returncode})")
+        return ["<upstream-style run did not finish>"]
     upstream: dict[str, str] = json.loads(out.read_text())
     mine = report.test_outcomes()
     diffs = []
