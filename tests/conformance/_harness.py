@@ -149,6 +149,23 @@ def match_any(test_id: str, patterns: Iterable[str]) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+# Signals a launcher may leave ignored: a non-interactive shell's background job ignores INT
+# and QUIT, nohup ignores HUP. Ignored dispositions survive exec, so every program the tests
+# spawn would inherit them and tests that signal a child would hang. Workers run in their own
+# session (no controlling terminal), so restoring the defaults there is safe.
+_RESTORE = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGCHLD")
+
+
+def restore_default_signals() -> None:
+    """Give the tests the signal dispositions of a process started from a terminal."""
+    for name in _RESTORE:
+        signum = getattr(signal, name, None)
+        if signum is None or signal.getsignal(signum) != signal.SIG_IGN:
+            continue
+        handler = signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL
+        signal.signal(signum, handler)
+
+
 class EventWriter:
     """Appends JSON lines to a file; every line reaches the kernel before the call returns."""
 
@@ -330,13 +347,7 @@ def worker_main(
 ) -> int:
     """Run one job inside a worker process. Always exits 0 unless the interpreter dies."""
     faulthandler.enable(file=STDERR_FD, all_threads=True)
-    # A runner started in the background by a non-interactive shell inherits SIGINT and SIGQUIT
-    # ignored, and so would every program the tests spawn (ignored dispositions survive exec):
-    # tests that interrupt a child then hang. Give the tests a foreground process's signals.
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if hasattr(signal, "SIGQUIT") and signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    restore_default_signals()
     events = EventWriter(events_path)
     skip: set[str] = set()
     if skip_path:

@@ -334,13 +334,13 @@ def worker(args: argparse.Namespace) -> int:
 
 
 _UPSTREAM_SCRIPT = r"""
-import json, signal, sys, unittest
+import json, sys, unittest
 
-# as in a foreground shell, even if the runner was started in the background (see _harness)
-if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+# signals as in a foreground shell, even if the runner was started in the background
+sys.path.insert(0, sys.argv[2])
+import _harness
+_harness.restore_default_signals()
+del sys.path[0]
 
 class Result(unittest.TestResult):
     def __init__(self):
@@ -374,7 +374,7 @@ def compare_upstream(
     print(f"\ncompare-upstream: running `unittest discover tests` in {tests_dir.parent} ...")
     out.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-c", _UPSTREAM_SCRIPT, str(out)],
+        [sys.executable, "-c", _UPSTREAM_SCRIPT, str(out), str(HERE)],
         cwd=tests_dir.parent,
         env=env,
         stdin=subprocess.DEVNULL,
