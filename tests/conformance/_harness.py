@@ -40,7 +40,7 @@ LOOPS: tuple[str, ...] = ("asyncio", "uvloop", "tokioloop")
 ALL_LOOPS: tuple[str, ...] = LOOPS
 THIRD_PARTY: tuple[str, ...] = ("uvloop", "tokioloop")
 
-Kind = Literal["xfail", "exclude"]
+Kind = Literal["xfail", "flaky", "exclude"]
 ExcInfo = Union[
     tuple[type[BaseException], BaseException, TracebackType],
     tuple[None, None, None],
@@ -73,7 +73,7 @@ class Rule:
     py: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("xfail", "exclude"):
+        if self.kind not in ("xfail", "flaky", "exclude"):
             raise ValueError(f"bad rule kind {self.kind!r}")
         if not self.reason.strip():
             raise ValueError(f"rule for {self.pattern!r} has no reason")
@@ -122,6 +122,12 @@ def xfail(pattern: str, reason: str, *, loops: str | Sequence[str], py: str = ""
     return Rule("xfail", pattern, reason, _loops(loops), py)
 
 
+def flaky(pattern: str, reason: str, *, loops: str | Sequence[str], py: str = "") -> Rule:
+    """The matching tests sometimes fail: a failure counts as expected, a pass as a pass (no
+    "expected to fail but passed" warning). For races in the measured loop, not in the test."""
+    return Rule("flaky", pattern, reason, _loops(loops), py)
+
+
 def exclude(pattern: str, reason: str, *, loops: str | Sequence[str], py: str = "") -> Rule:
     """The matching tests are not run at all (they hang, take the machine down, ...)."""
     return Rule("exclude", pattern, reason, _loops(loops), py)
@@ -133,9 +139,9 @@ class Expectations:
     def __init__(self, rules: Iterable[Rule], loop: str, version: tuple[int, int]) -> None:
         self.rules = [r for r in rules if r.applies_to(loop, version)]
 
-    def find(self, test_id: str, kind: Kind) -> Rule | None:
+    def find(self, test_id: str, *kinds: Kind) -> Rule | None:
         for rule in self.rules:
-            if rule.kind == kind and rule.matches(test_id):
+            if rule.kind in kinds and rule.matches(test_id):
                 return rule
         return None
 
@@ -619,7 +625,7 @@ def classify(job: JobOutcome, exp: Expectations) -> Classified:
     if job.module_skip is not None:
         counts["skip"] += 1
     if job.module_error is not None:
-        rule = exp.find(job.job.module, "xfail")
+        rule = exp.find(job.job.module, "xfail", "flaky")
         entry = {
             "id": job.job.module,
             "outcome": "module error",
@@ -636,12 +642,12 @@ def classify(job: JobOutcome, exp: Expectations) -> Classified:
             counts["on-loop"] += 1
         if rec.outcome in ("hang", "crash"):
             counts[rec.outcome] += 1
-        rule = exp.find(rec.id, "xfail")
+        rule = exp.find(rec.id, "xfail", "flaky")
         entry = {"id": rec.id, "outcome": rec.outcome, "detail": rec.detail[-3000:]}
         if rec.outcome == "skipped":
             counts["skip"] += 1
         elif rec.outcome == "passed":
-            if rule is not None:
+            if rule is not None and rule.kind == "xfail":
                 counts["xpass"] += 1
                 xpasses.append({"id": rec.id, "reason": rule.reason})
             else:

@@ -1,9 +1,10 @@
 """Expected non-passing outcomes of CPython's test_asyncio, run by run_test_asyncio.py.
 
 Each rule is ``xfail(pattern, reason, loops=..., py=...)`` (the test is run and expected to fail:
-failed, error, hang or crash) or ``exclude(...)`` (the test is not run: it hangs or burns a long
-timeout). Test ids are ``module.Class.test`` relative to ``test.test_asyncio``; patterns use
-fnmatch syntax; ``py`` is "" (all), "3.12", "3.12+", "-3.11" or "3.10-3.11".
+failed, error, hang or crash), ``flaky(...)`` (a failure is expected, a pass is fine) or
+``exclude(...)`` (the test is not run: it hangs or burns a long timeout). Test ids are
+``module.Class.test`` relative to ``test.test_asyncio``; patterns use fnmatch syntax; ``py`` is
+"" (all), "3.12", "3.12+", "-3.11" or "3.10-3.11".
 
 ``loops=THIRD_PARTY`` (uvloop and tokioloop) marks tests that depend on asyncio's private
 implementation (BaseEventLoop/selector/transport internals, mocks of stdlib modules that only the
@@ -17,7 +18,7 @@ environment rules.
 
 from __future__ import annotations
 
-from _harness import THIRD_PARTY, Rule, exclude, xfail
+from _harness import THIRD_PARTY, Rule, exclude, flaky, xfail
 
 UV = "uvloop"
 
@@ -171,6 +172,12 @@ RULES: list[Rule] = [
     xfail(
         "test_events.EventLoopTests.test_unclosed_pipe_transport",
         "uvloop's pipe transports report closed=True after loop.close() (asyncio: 'open')",
+        loops=UV,
+    ),
+    flaky(
+        "test_events.EventLoopTests.test_subprocess_shell",
+        "uvloop sometimes completes the subprocess protocol (connection_lost) before every pipe "
+        "has reported pipe_connection_lost (about 1 run in 3 on this VM)",
         loops=UV,
     ),
     xfail(
