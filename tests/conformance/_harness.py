@@ -602,7 +602,7 @@ class Classified:
     counts: dict[str, int]
     problems: list[dict[str, Any]]  # unexpected failures
     expected: list[dict[str, Any]]  # expected failures
-    xpasses: list[dict[str, Any]]
+    xpasses: list[dict[str, Any]]  # listed as xfail, or excluded (--run-excluded), but passed
 
 
 def _first_line(detail: str) -> str:
@@ -652,6 +652,9 @@ def classify(job: JobOutcome, exp: Expectations) -> Classified:
                 xpasses.append({"id": rec.id, "reason": rule.reason})
             else:
                 counts["pass"] += 1
+                excluded_by = exp.find(rec.id, "exclude")  # run with --run-excluded
+                if excluded_by is not None:
+                    xpasses.append({"id": rec.id, "reason": f"excluded: {excluded_by.reason}"})
         elif rule is not None:
             counts["xfail"] += 1
             expected.append({**entry, "reason": rule.reason})
@@ -909,6 +912,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, groups: Sequence[str]) -
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show failure tracebacks")
     parser.add_argument("--list", action="store_true", help="list the jobs and exit")
+    parser.add_argument(
+        "--run-excluded",
+        action="store_true",
+        help="also run the tests excluded by rules (to see whether an exclusion still holds)",
+    )
     # internal: worker mode
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--events", help=argparse.SUPPRESS)

@@ -397,7 +397,9 @@ def _hardcodes_stdlib_loop(cls: type) -> bool:
     return False
 
 
-def collect(spec: Spec, group: str, choice: _loops.LoopChoice, loop: str) -> h.Collected:
+def collect(
+    spec: Spec, group: str, choice: _loops.LoopChoice, loop: str, run_excluded: bool
+) -> h.Collected:
     _loops.install_default_policy(choice)
     from test.test_asyncio import utils as test_utils
 
@@ -433,7 +435,7 @@ def collect(spec: Spec, group: str, choice: _loops.LoopChoice, loop: str) -> h.C
             excluded.append((tid, "n/a", reason))
             continue
         rule = exp.find(tid, "exclude")
-        if rule is not None:
+        if rule is not None and not run_excluded:
             excluded.append((tid, "exclude", rule.reason))
             continue
         run.append(test)
@@ -456,7 +458,7 @@ def worker(args: argparse.Namespace) -> int:
         events_path=args.events,
         skip_path=args.skip_file,
         test_timeout=args.test_timeout,
-        collect=lambda: collect(spec, group, choice, args.loop),
+        collect=lambda: collect(spec, group, choice, args.loop, args.run_excluded),
         id_of=rel_id,
         loops_created=lambda: choice.created,
     )
@@ -540,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         args.loop,
         "--test-timeout",
         str(args.test_timeout),
+        *(["--run-excluded"] if args.run_excluded else []),
     ]
     print(
         f"test_asyncio of Python {sys.version.split()[0]} on loop {args.loop}: "

@@ -272,7 +272,7 @@ def rel_id(test: unittest.TestCase) -> str:
     return test.id()
 
 
-def collect(spec: Spec, group: str, loop: str, tests_dir: str) -> h.Collected:
+def collect(spec: Spec, group: str, loop: str, tests_dir: str, run_excluded: bool) -> h.Collected:
     sys.path.insert(0, tests_dir)
     choice = _loops.LoopChoice(loop)
     _patch_uvloop(choice)
@@ -299,7 +299,7 @@ def collect(spec: Spec, group: str, loop: str, tests_dir: str) -> h.Collected:
             excluded.append((tid, "n/a", na))
             continue
         rule = exp.find(tid, "exclude")
-        if rule is not None:
+        if rule is not None and not run_excluded:
             excluded.append((tid, "exclude", rule.reason))
             continue
         run.append(test)
@@ -322,7 +322,7 @@ def worker(args: argparse.Namespace) -> int:
         events_path=args.events,
         skip_path=args.skip_file,
         test_timeout=args.test_timeout,
-        collect=lambda: collect(spec, group, args.loop, args.tests_dir),
+        collect=lambda: collect(spec, group, args.loop, args.tests_dir, args.run_excluded),
         id_of=rel_id,
         loops_created=_created,
     )
@@ -495,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.test_timeout),
         "--tests-dir",
         str(tests_dir),
+        *(["--run-excluded"] if args.run_excluded else []),
     ]
     print(
         f"uvloop {UVLOOP_VERSION} tests on Python {sys.version.split()[0]}, loop {args.loop}"
