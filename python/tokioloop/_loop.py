@@ -202,8 +202,11 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             if executor is None:
                 executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
                 self._default_executor = executor
-        # The worker learns which loop started it: await_() there submits to it.
-        return asyncio.wrap_future(executor.submit(wrap_for_executor(self, func), *args), loop=self)
+        if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+            # The worker learns which loop started it: await_() there submits
+            # to it. (Only threads: a process pool must pickle `func` as is.)
+            func = wrap_for_executor(self, func)
+        return asyncio.wrap_future(executor.submit(func, *args), loop=self)
 
     # ---- fd watchers: the public ones refuse fds a transport uses -------
 

@@ -511,6 +511,12 @@ impl LoopCore {
         self.with_state(py, |st| st.selector.op_for_future(fd, kind, fut.as_ptr()))
     }
 
+    /// Whether the native operation `id` is still the one registered on
+    /// `fd` (a readiness job may outlive its operation's registration).
+    pub(crate) fn has_op(&self, py: Python<'_>, fd: RawFd, kind: u32, id: u64) -> bool {
+        self.with_state(py, |st| st.selector.has_op(fd, kind, id))
+    }
+
     /// The native operation `id` on `fd` finished (or was cancelled): take
     /// it out if it is still the one registered there.
     pub(crate) fn remove_op(&self, py: Python<'_>, fd: RawFd, kind: u32, id: u64) {

@@ -48,6 +48,8 @@ pub struct DatagramCore {
     transport: Py<PyAny>,
     /// The context the transport was made in (protocol callbacks run in it).
     ctx: Py<PyAny>,
+    /// True while `ctx` is entered by us (it cannot be entered twice).
+    in_ctx: std::sync::atomic::AtomicBool,
     cb: GilCell<Option<Cached>>,
     addr: GilCell<Option<AddrCache>>,
 }
@@ -205,6 +207,20 @@ fn py_to_sockaddr(family: i32, addr: &Bound<'_, PyAny>) -> Option<Vec<u8>> {
 }
 
 impl DatagramCore {
+    /// Run `f` in the transport's context (directly if already in it).
+    fn in_own_context<R>(&self, py: Python<'_>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.in_ctx.load(Relaxed) {
+            return f();
+        }
+        run_in_context(py, &self.ctx, || {
+            self.in_ctx.store(true, Relaxed);
+            let r = f();
+            self.in_ctx.store(false, Relaxed);
+            r
+        })
+    }
+
     fn callbacks(&self, py: Python<'_>) -> Option<(Py<PyAny>, Py<PyAny>)> {
         self.cb.with(py, |c| {
             c.as_ref().map(|c| {
@@ -290,7 +306,7 @@ impl DatagramCore {
 
 impl NativeReader for DatagramCore {
     fn on_ready(&self, py: Python<'_>) -> PyResult<()> {
-        run_in_context(py, &self.ctx, || {
+        self.in_own_context(py, || {
             for _ in 0..BATCH {
                 if !self.receive_one(py)? {
                     break;
@@ -343,6 +359,7 @@ impl DatagramCore {
             connected,
             transport: transport.unbind(),
             ctx: copy_context(py)?,
+            in_ctx: std::sync::atomic::AtomicBool::new(false),
             cb: GilCell::new(None),
             addr: GilCell::new(None),
         };
@@ -372,6 +389,18 @@ impl DatagramCore {
         let old = self.cb.with(py, |s| s.replace(c));
         drop(old);
         Ok(())
+    }
+
+    /// `f(*args)` in the transport's context, where asyncio's callbacks
+    /// that the loop makes run (connection_lost() included, wherever
+    /// close() was called from).
+    #[pyo3(signature = (f, *args))]
+    fn call_in_context<'py>(
+        &self,
+        f: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.in_own_context(f.py(), || f.call1(args))
     }
 
     /// Start (or resume) receiving: a native reader on the loop.

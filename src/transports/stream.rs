@@ -912,7 +912,13 @@ impl StreamCore {
         let buffered_type = py
             .import("asyncio")?
             .getattr(pyo3::intern!(py, "BufferedProtocol"))?;
-        let buffered = protocol.is_instance(&buffered_type)?;
+        // As uvloop: a protocol with get_buffer()/buffer_updated() and no
+        // data_received() is buffered even if it does not subclass
+        // asyncio.BufferedProtocol (asyncio would fail on it).
+        let buffered = protocol.is_instance(&buffered_type)?
+            || (protocol.hasattr(pyo3::intern!(py, "get_buffer"))?
+                && protocol.hasattr(pyo3::intern!(py, "buffer_updated"))?
+                && !protocol.hasattr(pyo3::intern!(py, "data_received"))?);
         let get = |name: &str| protocol.getattr(name).ok().map(Bound::unbind);
         Ok(Callbacks {
             protocol: protocol.clone().unbind(),

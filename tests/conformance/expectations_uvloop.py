@@ -124,6 +124,53 @@ RULES: list[Rule] = [
         loops=AIO,
         py="3.13+",
     ),
+    # ------------------------------------------------------------------------------------------
+    # uvloop-only behaviour that tokioloop does not copy (it keeps asyncio's)
+    # ------------------------------------------------------------------------------------------
+    xfail(
+        "test_signals.Test_UV_Signals.test_signals_no_SIGCHLD",
+        "uvloop refuses add_signal_handler(SIGCHLD) because it reaps children from that "
+        "signal; tokioloop watches children through pidfds, so it allows it as asyncio does",
+        loops="tokioloop",
+    ),
+    xfail(
+        "test_runner.TestSourceCode.test_uvloop_run_2",
+        "uvloop.run(loop_factory=...) and its check that the factory makes a uvloop loop; "
+        "tokioloop.run() takes no loop_factory (asyncio.run(main, "
+        "loop_factory=tokioloop.new_event_loop) is asyncio's way to pick the loop)",
+        loops="tokioloop",
+    ),
+    xfail(
+        "test_tcp.Test_UV_TCP.test_create_server_buffered_2",
+        "uvloop wraps an exception from get_buffer() in RuntimeError('unhandled error ... "
+        "get_buffer'); tokioloop hands asyncio's original exception to connection_lost()",
+        loops="tokioloop",
+    ),
+    xfail(
+        "test_tcp.Test_UV_TCP.test_tcp_handle_abort_in_connection_made",
+        "uvloop: get_extra_info('socket') is None once the transport is aborted; tokioloop "
+        "returns the (closed) TransportSocket, as asyncio does",
+        loops="tokioloop",
+    ),
+    xfail(
+        "test_udp.Test_UV_UDP.test_udp_sendto_dns",
+        "uvloop raises ValueError for sendto() to a host name; tokioloop lets the socket "
+        "module resolve it, as asyncio does",
+        loops="tokioloop",
+    ),
+    xfail(
+        "test_udp.Test_UV_UDP.test_create_datagram_endpoint_reuse_address_*",
+        "asyncio removed create_datagram_endpoint(reuse_address=) in 3.11 (TypeError); "
+        "tokioloop takes the running Python's asyncio signature",
+        loops="tokioloop",
+        py="3.11+",
+    ),
+    xfail(
+        "test_base.TestBaseUV.test_thread_name_prefix_in_default_executor",
+        "uvloop names its default executor's threads 'uvloop...'; tokioloop keeps asyncio's "
+        "'asyncio' prefix",
+        loops="tokioloop",
+    ),
     exclude(
         "test_sockets.TestUVSockets.test_socket_connect_and_close",
         "closing a socket with a pending sock_connect(): uvloop fails the call, asyncio "
