@@ -211,9 +211,7 @@ def test_run_in_process_pool(loop: tokioloop.Loop) -> None:
 
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        got = loop.run_until_complete(
-            asyncio.wait_for(loop.run_in_executor(pool, pow, 2, 10), 60)
-        )
+        got = loop.run_until_complete(asyncio.wait_for(loop.run_in_executor(pool, pow, 2, 10), 60))
     assert got == 1024
 
 
