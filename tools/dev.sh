@@ -96,12 +96,14 @@ run_tests() {
     local v=$1 venv
     venv=$(venv_for "$v")
     log "tests on Python $v"
-    (
-        cd "$root"
-        "$venv/bin/python" -m pytest -q -p no:cacheprovider tests
-        "$venv/bin/python" tests/conformance/run_test_asyncio.py --loop tokioloop --check
-        "$venv/bin/python" tests/conformance/run_uvloop_tests.py --loop tokioloop --check
-    )
+    # Every step runs; the status says whether any failed (run_tests is
+    # called in an || list, where `set -e` does not apply).
+    local rc=0
+    cd "$root"
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider tests || rc=1
+    "$venv/bin/python" tests/conformance/run_test_asyncio.py --loop tokioloop --check || rc=1
+    "$venv/bin/python" tests/conformance/run_uvloop_tests.py --loop tokioloop --check || rc=1
+    return $rc
 }
 
 cmd=${1:-test}

@@ -376,7 +376,12 @@ def worker_main(
     result = Recorder(events, id_of, loops_created, test_timeout)
     unittest.TestSuite(to_run).run(result)
     events.emit(ev="done")
-    return 0
+    # Every result is recorded: leave now rather than wait at interpreter
+    # exit for threads a failed test left running (a server thread stuck in
+    # its handshake loop would keep the worker alive until its timeout).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,6 +166,14 @@ RULES: list[Rule] = [
         py="3.11+",
     ),
     xfail(
+        "test_unix.Test_UV_Unix.test_epollhup",
+        "timing on 3.10: asyncio 3.10's Server.wait_closed() returns at once after close(), "
+        "so the test's final asserts race the server reading the client's last bytes and "
+        "EOF; uvloop happens to read them in the loop iteration that stops the loop",
+        loops="tokioloop",
+        py="3.10",
+    ),
+    xfail(
         "test_base.TestBaseUV.test_thread_name_prefix_in_default_executor",
         "uvloop names its default executor's threads 'uvloop...'; tokioloop keeps asyncio's "
         "'asyncio' prefix",

@@ -8,6 +8,7 @@ import asyncio
 import gc
 import os
 import socket
+import sys
 import tempfile
 import weakref
 from typing import Any
@@ -236,6 +237,11 @@ def test_unix_datagram_round_trip(sockdir: str) -> None:
     assert ours["client_addrs"] == {True} and ours["server_addrs"] == {True}
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="asyncio 3.10's datagram transports have no pause_reading() (NotImplementedError, "
+    "on tokioloop too): the stall this test makes cannot be made",
+)
 def test_flow_control_when_the_receiver_stalls(sockdir: str) -> None:
     """Unix datagram sockets: while the receiver does not read, its
     queue fills, sendto() would block and the transport buffers; past the
