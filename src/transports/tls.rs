@@ -24,11 +24,13 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::ptr::NonNull;
 
 use pyo3::exceptions::{
     PyAssertionError, PyConnectionAbortedError, PyConnectionResetError, PyException,
     PyRuntimeError, PyTypeError, PyValueError,
 };
+use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -98,7 +100,7 @@ struct Consts {
     timeout_error: Py<PyAny>,
     memory_bio: Py<PyAny>,
     ssl_object: Py<PyAny>,
-    create_default_context: Py<PyAny>,
+    ssl_module: Py<PyAny>,
     buffered_protocol: Py<PyAny>,
     logger: Py<PyAny>,
     /// asyncio.sslproto.SSLProtocolState (3.11+), for `_state`.
@@ -147,7 +149,7 @@ fn consts(py: Python<'_>) -> PyResult<&'static Consts> {
                 .unbind(),
             memory_bio: ssl.getattr("MemoryBIO")?.unbind(),
             ssl_object: ssl.getattr("SSLObject")?.unbind(),
-            create_default_context: ssl.getattr("create_default_context")?.unbind(),
+            ssl_module: ssl.clone().into_any().unbind(),
             buffered_protocol: py.import("asyncio")?.getattr("BufferedProtocol")?.unbind(),
             logger: py.import("asyncio.log")?.getattr("logger")?.unbind(),
             state_enum,
@@ -248,6 +250,9 @@ pub struct TlsProtocol {
     ssl_pending: Py<PyAny>,
     ssl_do_handshake: Py<PyAny>,
     ssl_shutdown: Py<PyAny>,
+    /// `ssl_read` is the C `_ssl._SSLSocket.read` (a plain SSLObject), which
+    /// may be given a view of memory we own: it keeps no reference to it.
+    raw_reads: bool,
     st: crate::event_loop::cell::GilCell<St>,
 }
 
@@ -366,7 +371,9 @@ impl TlsProtocol {
     fn make_app(py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<App> {
         let buffered = protocol.hasattr(pyo3::intern!(py, "get_buffer"))?
             && protocol.is_instance(consts(py)?.buffered_protocol.bind(py))?;
-        let get = |name: &Bound<'_, pyo3::types::PyString>| protocol.getattr(name).ok().map(Bound::unbind);
+        let get = |name: &Bound<'_, pyo3::types::PyString>| {
+            protocol.getattr(name).ok().map(Bound::unbind)
+        };
         Ok(App {
             protocol: protocol.clone().unbind(),
             buffered,
@@ -398,7 +405,10 @@ impl TlsProtocol {
             return Ok(());
         };
         let w = w.bind(py);
-        if !w.call_method0(pyo3::intern!(py, "cancelled"))?.is_truthy()? {
+        if !w
+            .call_method0(pyo3::intern!(py, "cancelled"))?
+            .is_truthy()?
+        {
             match exc {
                 Some(e) => w.call_method1(pyo3::intern!(py, "set_exception"), (e,))?,
                 None => w.call_method1(pyo3::intern!(py, "set_result"), (py.None(),))?,
@@ -469,11 +479,22 @@ impl TlsProtocol {
         let py = slf.py();
         let this = slf.get();
         let start = if this.debug(py) {
-            this.log(py, "debug", PyTuple::new(py, [
-                "%r starts SSL handshake".into_pyobject(py)?.into_any(),
-                slf.clone().into_any(),
-            ])?)?;
-            Some(this.lp(py).call_method0(pyo3::intern!(py, "time"))?.extract()?)
+            this.log(
+                py,
+                "debug",
+                PyTuple::new(
+                    py,
+                    [
+                        "%r starts SSL handshake".into_pyobject(py)?.into_any(),
+                        slf.clone().into_any(),
+                    ],
+                )?,
+            )?;
+            Some(
+                this.lp(py)
+                    .call_method0(pyo3::intern!(py, "time"))?
+                    .extract()?,
+            )
         } else {
             None
         };
@@ -496,7 +517,9 @@ impl TlsProtocol {
         let this = slf.get();
         match Self::classify(py, this.ssl_do_handshake.bind(py).call0())? {
             SslCall::Again => Self::process_outgoing(slf),
-            SslCall::Failed(e) => Self::on_handshake_complete(slf, Some(e.value(py).clone().into_any())),
+            SslCall::Failed(e) => {
+                Self::on_handshake_complete(slf, Some(e.value(py).clone().into_any()))
+            }
             SslCall::Done(_) => Self::on_handshake_complete(slf, None),
         }
     }
@@ -545,15 +568,23 @@ impl TlsProtocol {
 
         if this.debug(py) {
             if let Some(start) = this.st.with(py, |s| s.handshake_start) {
-                let now: f64 = this.lp(py).call_method0(pyo3::intern!(py, "time"))?.extract()?;
+                let now: f64 = this
+                    .lp(py)
+                    .call_method0(pyo3::intern!(py, "time"))?
+                    .extract()?;
                 this.log(
                     py,
                     "debug",
-                    PyTuple::new(py, [
-                        "%r: SSL handshake took %.1f ms".into_pyobject(py)?.into_any(),
-                        slf.clone().into_any(),
-                        ((now - start) * 1e3).into_pyobject(py)?.into_any(),
-                    ])?,
+                    PyTuple::new(
+                        py,
+                        [
+                            "%r: SSL handshake took %.1f ms"
+                                .into_pyobject(py)?
+                                .into_any(),
+                            slf.clone().into_any(),
+                            ((now - start) * 1e3).into_pyobject(py)?.into_any(),
+                        ],
+                    )?,
                 )?;
             }
         }
@@ -723,7 +754,11 @@ impl TlsProtocol {
         });
         if closed {
             if warn {
-                this.log(py, "warning", PyTuple::new(py, ["SSL connection is closed"])?)?;
+                this.log(
+                    py,
+                    "warning",
+                    PyTuple::new(py, ["SSL connection is closed"])?,
+                )?;
             }
             return Ok(());
         }
@@ -793,10 +828,11 @@ impl TlsProtocol {
         });
         if !paused && pend > 0 {
             let data = this.outgoing_read.bind(py).call0()?;
+            // Everything pending was read.
+            pend = 0;
             if let Some(w) = write {
                 w.bind(py).call1((data,))?;
             }
-            pend = pending(outgoing)?;
         }
         Self::control_app_writing(slf, pend)
     }
@@ -886,32 +922,39 @@ impl TlsProtocol {
         let py = slf.py();
         let this = slf.get();
         let read = this.ssl_read.bind(py);
-        let mut chunks: Vec<Bound<'_, PyBytes>> = Vec::new();
         let mut eof = false;
-        loop {
-            let n = this.readable(py)?;
-            if n == 0 {
-                break;
-            }
+        // The common case: one record, one read, one bytes object of the
+        // right size, handed on as is.
+        let mut first: Option<Bound<'_, PyBytes>> = None;
+        let n = this.readable(py)?;
+        if n > 0 {
             match Self::classify(py, read.call1((n,)))? {
                 SslCall::Done(chunk) => {
                     let chunk = chunk.cast_into::<PyBytes>()?;
                     if chunk.as_bytes().is_empty() {
                         eof = true;
-                        break;
+                    } else {
+                        first = Some(chunk);
                     }
-                    chunks.push(chunk);
                 }
-                SslCall::Again => break,
+                SslCall::Again => {}
                 SslCall::Failed(e) => return Err(e),
             }
         }
-        if !chunks.is_empty() {
-            let data = if chunks.len() == 1 {
-                chunks.pop().expect("one chunk")
+        let mut data = first;
+        if let Some(chunk) = data.take() {
+            let more = this.readable(py)?;
+            data = Some(if more == 0 {
+                chunk
             } else {
-                join(py, &chunks)?
-            };
+                // More records: read them all, in one call to the
+                // application, as asyncio does.
+                let (joined, got_eof) = this.read_rest(py, chunk)?;
+                eof = got_eof;
+                joined
+            });
+        }
+        if let Some(data) = data {
             let cb = this.st.with(py, |s| {
                 s.app
                     .as_ref()
@@ -932,6 +975,63 @@ impl TlsProtocol {
             Self::start_shutdown(slf)?;
         }
         Ok(())
+    }
+
+    /// Everything decryptable after `first`, joined to it; and whether the
+    /// stream ended (close_notify).
+    fn read_rest<'py>(
+        &self,
+        py: Python<'py>,
+        first: Bound<'py, PyBytes>,
+    ) -> PyResult<(Bound<'py, PyBytes>, bool)> {
+        let read = self.ssl_read.bind(py);
+        if !self.raw_reads {
+            // Through a Python SSLObject subclass: plain reads, then join.
+            let mut chunks = vec![first];
+            loop {
+                let n = self.readable(py)?;
+                if n == 0 {
+                    return Ok((join(py, &chunks)?, false));
+                }
+                match Self::classify(py, read.call1((n,)))? {
+                    SslCall::Done(chunk) => {
+                        let chunk = chunk.cast_into::<PyBytes>()?;
+                        if chunk.as_bytes().is_empty() {
+                            return Ok((join(py, &chunks)?, true));
+                        }
+                        chunks.push(chunk);
+                    }
+                    SslCall::Again => return Ok((join(py, &chunks)?, false)),
+                    SslCall::Failed(e) => return Err(e),
+                }
+            }
+        }
+        // The plaintext is at most the ciphertext still buffered plus what
+        // the SSL object holds decrypted: read it all straight into one
+        // bytes object of that size (no per-record objects, no join).
+        let cipher = pending(self.incoming.bind(py))?;
+        let plain: usize = self.ssl_pending.bind(py).call0()?.extract()?;
+        let head = first.as_bytes();
+        let mut w = PlainWriter::new(py, head.len() + cipher + plain)?;
+        w.push(head);
+        let mut eof = false;
+        while w.room() > 0 {
+            match Self::classify(py, w.read_into(py, read))? {
+                SslCall::Done(0) => {
+                    eof = true;
+                    break;
+                }
+                SslCall::Done(n) => {
+                    w.filled(n);
+                    if self.readable(py)? == 0 {
+                        break;
+                    }
+                }
+                SslCall::Again => break,
+                SslCall::Failed(e) => return Err(e),
+            }
+        }
+        Ok((w.finish(py)?, eof))
     }
 
     fn do_read_buffered(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -1020,7 +1120,10 @@ impl TlsProtocol {
                 this.log(
                     py,
                     "warning",
-                    PyTuple::new(py, ["returning true from eof_received() has no effect when using ssl"])?,
+                    PyTuple::new(
+                        py,
+                        ["returning true from eof_received() has no effect when using ssl"],
+                    )?,
                 )?;
             }
             Ok(())
@@ -1059,6 +1162,111 @@ impl TlsProtocol {
     fn write_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
         let out = pending(self.outgoing.bind(py))?;
         Ok(out + self.st.with(py, |s| s.write_buffer_size))
+    }
+}
+
+/// A bytes object being filled with plaintext by the SSL object, through
+/// CPython's PyBytesWriter (the C API's way to build a bytes object in place).
+struct PlainWriter {
+    w: NonNull<ffi::compat::PyBytesWriter>,
+    cap: usize,
+    len: usize,
+    /// Set if a memory view of ours outlived a read (it never should): the
+    /// memory is then never freed, and the data is copied out instead.
+    leaked: bool,
+}
+
+impl PlainWriter {
+    fn new(py: Python<'_>, cap: usize) -> PyResult<Self> {
+        // SAFETY: called with the GIL held; NULL means an exception is set.
+        let w = unsafe { ffi::compat::PyBytesWriter_Create(cap as ffi::Py_ssize_t) };
+        match NonNull::new(w) {
+            Some(w) => Ok(PlainWriter {
+                w,
+                cap,
+                len: 0,
+                leaked: false,
+            }),
+            None => Err(PyErr::fetch(py)),
+        }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: `w` is a live writer of `cap` bytes (never resized).
+        unsafe { ffi::compat::PyBytesWriter_GetData(self.w.as_ptr()).cast::<u8>() }
+    }
+
+    fn room(&self) -> usize {
+        self.cap - self.len
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.room());
+        // SAFETY: [len, len + n) is inside the writer's `cap` bytes, and
+        // `bytes` (another object's memory) does not overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data().add(self.len), n) };
+        self.len += n;
+    }
+
+    /// `read(room, view)` with a writable view of the unfilled part.
+    fn read_into<'py>(&mut self, py: Python<'py>, read: &Bound<'py, PyAny>) -> PyResult<usize> {
+        let room = self.room();
+        // SAFETY: the view covers [len, cap) of the writer's buffer, which
+        // stays allocated until finish()/drop; the view is dropped below,
+        // before either can run, and is checked not to have been kept.
+        let view = unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::PyMemoryView_FromMemory(
+                    self.data().add(self.len).cast(),
+                    room as ffi::Py_ssize_t,
+                    ffi::PyBUF_WRITE,
+                ),
+            )?
+        };
+        let r = read.call1((room, &view));
+        // SAFETY: `view` is a live object we hold a reference to.
+        if unsafe { ffi::Py_REFCNT(view.as_ptr()) } != 1 {
+            self.leaked = true;
+        }
+        drop(view);
+        r?.extract::<usize>().map(|n| n.min(room))
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.cap);
+    }
+
+    fn finish<'py>(self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let this = std::mem::ManuallyDrop::new(self);
+        if this.leaked {
+            // SAFETY: [0, len) was written; the writer is never freed.
+            let bytes = unsafe { std::slice::from_raw_parts(this.data(), this.len) };
+            return Ok(PyBytes::new(py, bytes));
+        }
+        // SAFETY: a live writer, consumed here exactly once (ManuallyDrop
+        // keeps Drop from discarding it again); returns a new reference or
+        // NULL with an exception set.
+        unsafe {
+            Bound::from_owned_ptr_or_err(
+                py,
+                ffi::compat::PyBytesWriter_FinishWithSize(
+                    this.w.as_ptr(),
+                    this.len as ffi::Py_ssize_t,
+                ),
+            )
+            .map(|b| b.cast_into_unchecked::<PyBytes>())
+        }
+    }
+}
+
+impl Drop for PlainWriter {
+    fn drop(&mut self) {
+        if !self.leaked {
+            // SAFETY: a live writer not finished yet; writers only exist
+            // inside methods that hold the GIL.
+            unsafe { ffi::compat::PyBytesWriter_Discard(self.w.as_ptr()) };
+        }
     }
 }
 
@@ -1144,7 +1352,11 @@ impl TlsProtocol {
                         "Server side SSL needs a valid SSLContext",
                     ));
                 }
-                let ctx = c.create_default_context.bind(py).call0()?;
+                // Looked up at each use, so that patching it works.
+                let ctx = c
+                    .ssl_module
+                    .bind(py)
+                    .call_method0(pyo3::intern!(py, "create_default_context"))?;
                 if !hostname_given {
                     ctx.setattr("check_hostname", false)?;
                 }
@@ -1189,6 +1401,7 @@ impl TlsProtocol {
             ssl_pending: target.getattr(pyo3::intern!(py, "pending"))?.unbind(),
             ssl_do_handshake: target.getattr(pyo3::intern!(py, "do_handshake"))?.unbind(),
             ssl_shutdown: target.getattr(shutdown_name)?.unbind(),
+            raw_reads: plain,
             sslobj: sslobj.unbind(),
             incoming: incoming.unbind(),
             outgoing: outgoing.unbind(),
@@ -1243,7 +1456,9 @@ impl TlsProtocol {
         if ok {
             Ok(())
         } else {
-            Err(PyRuntimeError::new_err("Creating _SSLProtocolTransport twice"))
+            Err(PyRuntimeError::new_err(
+                "Creating _SSLProtocolTransport twice",
+            ))
         }
     }
 
@@ -1340,10 +1555,13 @@ impl TlsProtocol {
                 this.log(
                     py,
                     "debug",
-                    PyTuple::new(py, [
-                        "%r received EOF".into_pyobject(py)?.into_any(),
-                        slf.clone().into_any(),
-                    ])?,
+                    PyTuple::new(
+                        py,
+                        [
+                            "%r received EOF".into_pyobject(py)?.into_any(),
+                            slf.clone().into_any(),
+                        ],
+                    )?,
                 )?;
             }
             match this.state(py) {
