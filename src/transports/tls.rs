@@ -220,6 +220,8 @@ struct St {
     handshake_timeout_handle: Option<Py<PyAny>>,
     shutdown_timeout_handle: Option<Py<PyAny>>,
     handshake_start: Option<f64>,
+    /// The incoming BIO is known to be empty (see incoming_pending()).
+    incoming_empty: bool,
 }
 
 /// The native SSL protocol. Exposed as `tokioloop._tokioloop.SSLProtocolCore`;
@@ -909,13 +911,26 @@ impl TlsProtocol {
     /// and unread in the SSL object), so that the common case costs no
     /// exception. Otherwise an upper bound for one read.
     fn readable(&self, py: Python<'_>) -> PyResult<usize> {
-        let cipher = pending(self.incoming.bind(py))?;
+        let cipher = self.incoming_pending(py)?;
         let plain: usize = self.ssl_pending.bind(py).call0()?.extract()?;
         Ok(if cipher == 0 && plain == 0 {
             0
         } else {
             (cipher + plain).clamp(1, MAX_RECORD)
         })
+    }
+
+    /// `incoming.pending`, remembering when it is 0: it grows only in
+    /// buffer_updated(), so until then it stays 0 without asking again.
+    fn incoming_pending(&self, py: Python<'_>) -> PyResult<usize> {
+        if self.st.with(py, |s| s.incoming_empty) {
+            return Ok(0);
+        }
+        let n = pending(self.incoming.bind(py))?;
+        if n == 0 {
+            self.st.with(py, |s| s.incoming_empty = true);
+        }
+        Ok(n)
     }
 
     fn do_read_copied(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -926,7 +941,12 @@ impl TlsProtocol {
         // The common case: one record, one read, one bytes object of the
         // right size, handed on as is.
         let mut first: Option<Bound<'_, PyBytes>> = None;
-        let n = this.readable(py)?;
+        let cipher = this.incoming_pending(py)?;
+        let n = if cipher > 0 {
+            cipher.min(MAX_RECORD)
+        } else {
+            this.readable(py)?
+        };
         if n > 0 {
             match Self::classify(py, read.call1((n,)))? {
                 SslCall::Done(chunk) => {
@@ -1009,7 +1029,7 @@ impl TlsProtocol {
         // The plaintext is at most the ciphertext still buffered plus what
         // the SSL object holds decrypted: read it all straight into one
         // bytes object of that size (no per-record objects, no join).
-        let cipher = pending(self.incoming.bind(py))?;
+        let cipher = self.incoming_pending(py)?;
         let plain: usize = self.ssl_pending.bind(py).call0()?.extract()?;
         let head = first.as_bytes();
         let mut w = PlainWriter::new(py, head.len() + cipher + plain)?;
@@ -1048,7 +1068,7 @@ impl TlsProtocol {
             Some((Some(g), Some(u))) => (g, u),
             _ => return Err(PyRuntimeError::new_err("no application protocol")),
         };
-        let hint = pending(this.incoming.bind(py))?;
+        let hint = this.incoming_pending(py)?;
         let buf = get_buffer.bind(py).call1((hint,))?;
         let wants = buf.len()?;
         let read = this.ssl_read.bind(py);
@@ -1139,7 +1159,7 @@ impl TlsProtocol {
     fn control_ssl_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        let size = pending(this.incoming.bind(py))? as i64;
+        let size = this.incoming_pending(py)? as i64;
         let action = this.st.with(py, |s| {
             if size >= s.incoming_high && !s.ssl_reading_paused {
                 s.ssl_reading_paused = true;
@@ -1439,6 +1459,7 @@ impl TlsProtocol {
                 handshake_timeout_handle: None,
                 shutdown_timeout_handle: None,
                 handshake_start: None,
+                incoming_empty: true,
             }),
         })
     }
@@ -1536,6 +1557,7 @@ impl TlsProtocol {
         let data = view
             .bind(py)
             .get_item(PySlice::new(py, 0, nbytes.min(MAX_SIZE) as isize, 1))?;
+        this.st.with(py, |s| s.incoming_empty = false);
         this.incoming_write.bind(py).call1((data,))?;
         match this.state(py) {
             SslState::DoHandshake => Self::do_handshake(slf),
@@ -1778,7 +1800,7 @@ impl TlsProtocol {
     }
 
     fn _get_read_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
-        pending(self.incoming.bind(py))
+        self.incoming_pending(py)
     }
 
     fn _get_read_buffer_limits(&self, py: Python<'_>) -> (i64, i64) {
