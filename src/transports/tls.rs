@@ -1083,7 +1083,13 @@ impl TlsProtocol {
             let target = if first {
                 buf.clone()
             } else {
-                buf.get_item(PySlice::new(py, offset as isize, isize::MAX, 1))?
+                // The rest of the buffer, through a memoryview of it: a
+                // slice of a bytearray would be a copy.
+                let view = match buf.cast::<PyMemoryView>() {
+                    Ok(v) => v.clone(),
+                    Err(_) => PyMemoryView::from(&buf)?,
+                };
+                view.get_item(PySlice::new(py, offset as isize, isize::MAX, 1))?
             };
             let r = read.call1((wants - offset, target));
             first = false;

@@ -16,6 +16,7 @@ from .conftest import (
     SIGNED_CERTFILE,
     Handled,
     client_context,
+    needs_new_sslproto,
     run,
     server_context,
 )
@@ -187,10 +188,11 @@ def test_many_connections(loop: asyncio.AbstractEventLoop, handled: Handled) -> 
 
 
 def test_peer_close_notify_reaches_eof_received(
-    loop: asyncio.AbstractEventLoop, handled: Handled
+    loop: asyncio.AbstractEventLoop, handled: Handled, loop_name: str
 ) -> None:
     """The server closes: the client's protocol sees data, EOF, then
     connection_lost(None), in that order."""
+    needs_new_sslproto(loop_name)
 
     class CloseAfterHello(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -23,6 +23,7 @@ from .conftest import (
     SIGNED_CERTFILE,
     Handled,
     client_context,
+    needs_new_sslproto,
     run,
     server_context,
 )
@@ -360,9 +361,12 @@ def test_shutdown_timeout_must_be_positive(loop: asyncio.AbstractEventLoop) -> N
     run(loop, main())
 
 
-def test_app_error_in_data_received(loop: asyncio.AbstractEventLoop, handled: Handled) -> None:
+def test_app_error_in_data_received(
+    loop: asyncio.AbstractEventLoop, handled: Handled, loop_name: str
+) -> None:
     """An exception from the application's data_received() is a fatal error
     of the SSL protocol, reported with asyncio's message and context keys."""
+    needs_new_sslproto(loop_name)
 
     class Boom(Recorder):
         def data_received(self, data: bytes) -> None:
@@ -390,8 +394,12 @@ def test_app_error_in_data_received(loop: asyncio.AbstractEventLoop, handled: Ha
 
 
 def test_eof_received_true_is_warned(
-    loop: asyncio.AbstractEventLoop, handled: Handled, caplog: pytest.LogCaptureFixture
+    loop: asyncio.AbstractEventLoop,
+    handled: Handled,
+    caplog: pytest.LogCaptureFixture,
+    loop_name: str,
 ) -> None:
+    needs_new_sslproto(loop_name)
     class KeepOpen(Recorder):
         def eof_received(self) -> bool:
             super().eof_received()
