@@ -76,7 +76,7 @@ def _process_wide_state() -> None:
         lp = make()
         try:
 
-            async def serve() -> None:
+            async def serve(lp: asyncio.AbstractEventLoop = lp) -> None:
                 srv = await lp.create_server(asyncio.Protocol, "127.0.0.1", 0)
                 srv.close()
                 await srv.wait_closed()

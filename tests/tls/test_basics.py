@@ -65,7 +65,9 @@ async def echo_server(
     return server, server.sockets[0].getsockname()[1]
 
 
-def test_transport_classes_and_extra_info(loop: asyncio.AbstractEventLoop, handled: Handled) -> None:
+def test_transport_classes_and_extra_info(
+    loop: asyncio.AbstractEventLoop, handled: Handled
+) -> None:
     async def main() -> None:
         server, port = await echo_server(loop, server_context(SIGNED_CERTFILE, None))
         ctx = client_context(verify=True)
@@ -201,9 +203,7 @@ def test_peer_close_notify_reaches_eof_received(
             t.close()
 
     async def main() -> None:
-        server = await loop.create_server(
-            CloseAfterHello, "127.0.0.1", 0, ssl=server_context()
-        )
+        server = await loop.create_server(CloseAfterHello, "127.0.0.1", 0, ssl=server_context())
         port = server.sockets[0].getsockname()[1]
         _, proto = await loop.create_connection(Collect, "127.0.0.1", port, ssl=client_context())
         assert await proto.lost is None

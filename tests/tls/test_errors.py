@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,9 @@ from .conftest import (
     run,
     server_context,
 )
+
+# SO_LINGER on, 0 seconds: close() sends a reset.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 class Recorder(asyncio.Protocol):
@@ -105,7 +109,9 @@ def test_handshake_timeout(loop: asyncio.AbstractEventLoop, handled: Handled) ->
     """A peer that never answers the ClientHello."""
     with peer(read_until_closed) as addr:
         started = time.monotonic()
-        with pytest.raises(ConnectionAbortedError, match="SSL handshake is taking longer than 0.3 seconds"):
+        with pytest.raises(
+            ConnectionAbortedError, match="SSL handshake is taking longer than 0.3 seconds"
+        ):
             run(
                 loop,
                 loop.create_connection(
@@ -123,7 +129,9 @@ def test_handshake_timeout_must_be_positive(loop: asyncio.AbstractEventLoop) -> 
         # Connections wait in the backlog: the check is made once connected.
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-        with pytest.raises(ValueError, match="ssl_handshake_timeout should be a positive number, got -1"):
+        with pytest.raises(
+            ValueError, match="ssl_handshake_timeout should be a positive number, got -1"
+        ):
             await loop.create_connection(
                 Recorder, "127.0.0.1", port, ssl=client_context(), ssl_handshake_timeout=-1
             )
@@ -240,7 +248,7 @@ def test_garbage_after_handshake(loop: asyncio.AbstractEventLoop, handled: Handl
 def test_peer_resets_mid_handshake(loop: asyncio.AbstractEventLoop, handled: Handled) -> None:
     def prog(conn: socket.socket) -> None:
         conn.recv(100)  # part of the ClientHello
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
 
     with peer(prog) as addr:
         with pytest.raises((ConnectionResetError, ssl.SSLError)):
@@ -288,7 +296,7 @@ def test_server_side_client_vanishes_mid_handshake(
             # Half a ClientHello, then go away (with a reset the second time).
             sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
             if linger:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
             await asyncio.sleep(0.05)
             sock.close()
         await asyncio.sleep(0.2)
@@ -300,7 +308,9 @@ def test_server_side_client_vanishes_mid_handshake(
     assert all(r.events == [] for r in Recorder.instances)
 
 
-def test_abort_during_start_tls_handshake(loop: asyncio.AbstractEventLoop, handled: Handled) -> None:
+def test_abort_during_start_tls_handshake(
+    loop: asyncio.AbstractEventLoop, handled: Handled
+) -> None:
     """abort() of the plain transport while start_tls() waits for the peer."""
     with peer(read_until_closed) as addr:
 
@@ -332,9 +342,7 @@ def test_shutdown_timeout(loop: asyncio.AbstractEventLoop, handled: Handled) -> 
     with peer(prog) as addr:
         tr, proto = run(
             loop,
-            loop.create_connection(
-                Recorder, *addr, ssl=client_context(), ssl_shutdown_timeout=0.3
-            ),
+            loop.create_connection(Recorder, *addr, ssl=client_context(), ssl_shutdown_timeout=0.3),
         )
         started = time.monotonic()
         tr.close()
@@ -352,7 +360,9 @@ def test_shutdown_timeout_must_be_positive(loop: asyncio.AbstractEventLoop) -> N
         # Connections wait in the backlog: the check is made once connected.
         listener = socket.create_server(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-        with pytest.raises(ValueError, match="ssl_shutdown_timeout should be a positive number, got 0"):
+        with pytest.raises(
+            ValueError, match="ssl_shutdown_timeout should be a positive number, got 0"
+        ):
             await loop.create_connection(
                 Recorder, "127.0.0.1", port, ssl=client_context(), ssl_shutdown_timeout=0
             )
@@ -400,6 +410,7 @@ def test_eof_received_true_is_warned(
     loop_name: str,
 ) -> None:
     needs_new_sslproto(loop_name)
+
     class KeepOpen(Recorder):
         def eof_received(self) -> bool:
             super().eof_received()

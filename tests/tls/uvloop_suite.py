@@ -29,8 +29,9 @@ def main(argv: list[str]) -> None:
     native = "--as-native" in rest
     rest = [a for a in rest if a != "--as-native"]
 
-    import tokioloop
     from uvloop import _testbase as tb
+
+    import tokioloop
 
     class Policy(asyncio.DefaultEventLoopPolicy):  # type: ignore[misc, valid-type]
         def _loop_factory(self) -> Any:
