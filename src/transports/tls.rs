@@ -167,9 +167,9 @@ fn consts(py: Python<'_>) -> PyResult<&'static Consts> {
 
 thread_local! {
     /// The buffer the lower transport reads into (get_buffer), shared by
-    /// all TLS protocols of the thread: buffer_updated() copies what
-    /// arrived into the incoming BIO at once, so it is free again before
-    /// any other protocol can ask for it.
+    /// all TLS protocols made on the thread (the thread of their loop):
+    /// buffer_updated() copies what arrived into the incoming BIO at once,
+    /// so it is free again before any other protocol can ask for it.
     static READ_BUFFER: RefCell<Option<Py<PyMemoryView>>> = const { RefCell::new(None) };
 }
 
@@ -252,6 +252,8 @@ pub struct TlsProtocol {
     ssl_pending: Py<PyAny>,
     ssl_do_handshake: Py<PyAny>,
     ssl_shutdown: Py<PyAny>,
+    /// The thread's shared buffer for the lower transport (see READ_BUFFER).
+    read_buffer: Py<PyMemoryView>,
     /// `ssl_read` is the C `_ssl._SSLSocket.read` (a plain SSLObject), which
     /// may be given a view of memory we own: it keeps no reference to it.
     raw_reads: bool,
@@ -1428,6 +1430,7 @@ impl TlsProtocol {
             ssl_do_handshake: target.getattr(pyo3::intern!(py, "do_handshake"))?.unbind(),
             ssl_shutdown: target.getattr(shutdown_name)?.unbind(),
             raw_reads: plain,
+            read_buffer: read_buffer(py)?,
             sslobj: sslobj.unbind(),
             incoming: incoming.unbind(),
             outgoing: outgoing.unbind(),
@@ -1551,18 +1554,20 @@ impl TlsProtocol {
     }
 
     #[pyo3(signature = (n=-1))]
-    fn get_buffer(&self, py: Python<'_>, n: isize) -> PyResult<Py<PyMemoryView>> {
+    fn get_buffer(&self, py: Python<'_>, n: isize) -> Py<PyMemoryView> {
         let _ = n; // the shared buffer is always max_size
-        read_buffer(py)
+        self.read_buffer.clone_ref(py)
     }
 
     fn buffer_updated(slf: &Bound<'_, Self>, nbytes: usize) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        let view = read_buffer(py)?;
-        let data = view
-            .bind(py)
-            .get_item(PySlice::new(py, 0, nbytes.min(MAX_SIZE) as isize, 1))?;
+        let data = this.read_buffer.bind(py).get_item(PySlice::new(
+            py,
+            0,
+            nbytes.min(MAX_SIZE) as isize,
+            1,
+        ))?;
         this.st.with(py, |s| s.incoming_empty = false);
         this.incoming_write.bind(py).call1((data,))?;
         match this.state(py) {
@@ -1995,6 +2000,7 @@ impl TlsProtocol {
         visit.call(&self.ssl_pending)?;
         visit.call(&self.ssl_do_handshake)?;
         visit.call(&self.ssl_shutdown)?;
+        visit.call(&self.read_buffer)?;
         if let Some(r) = self.st.try_with(|s| -> Result<(), PyTraverseError> {
             visit.call(&s.transport)?;
             visit.call(&s.transport_write)?;
