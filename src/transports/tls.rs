@@ -798,21 +798,24 @@ impl TlsProtocol {
                 SslCall::Failed(e) => return Err(e),
             };
             let len = data.len()?;
-            if count < len {
-                let rest = data.get_item(PySlice::new(py, count as isize, isize::MAX, 1))?;
-                this.st.with(py, |s| {
-                    if let Some(front) = s.backlog.front_mut() {
-                        *front = rest.unbind();
-                    }
-                    s.write_buffer_size = s.write_buffer_size.saturating_sub(count);
-                });
+            let rest = if count < len {
+                Some(data.get_item(PySlice::new(py, count as isize, isize::MAX, 1))?)
             } else {
-                let old = this.st.with(py, |s| {
-                    s.write_buffer_size = s.write_buffer_size.saturating_sub(len);
-                    s.backlog.pop_front()
-                });
-                drop(old);
-            }
+                None
+            };
+            // (The front is checked to still be `data`: the SSL object's
+            // callbacks are Python code, which could have written too.)
+            let old = this.st.with(py, |s| match s.backlog.front_mut() {
+                Some(front) if front.is(data) => {
+                    s.write_buffer_size = s.write_buffer_size.saturating_sub(count.min(len));
+                    match rest {
+                        Some(rest) => Some(std::mem::replace(front, rest.unbind())),
+                        None => s.backlog.pop_front(),
+                    }
+                }
+                _ => None,
+            });
+            drop(old);
         }
         Self::process_outgoing(slf)
     }
