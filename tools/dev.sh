@@ -100,6 +100,7 @@ run_tests() {
         cd "$root"
         "$venv/bin/python" -m pytest -q -p no:cacheprovider tests
         "$venv/bin/python" tests/conformance/run_test_asyncio.py --loop tokioloop --check
+        "$venv/bin/python" tests/conformance/run_uvloop_tests.py --loop tokioloop --check
     )
 }
 

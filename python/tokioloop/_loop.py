@@ -159,6 +159,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
         self._close_native()
+        self._close_network()
         self._close_self_pipe()
         self._executor_shutdown_called = True
         executor = self._default_executor
@@ -201,8 +202,11 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             if executor is None:
                 executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
                 self._default_executor = executor
-        # The worker learns which loop started it: await_() there submits to it.
-        return asyncio.wrap_future(executor.submit(wrap_for_executor(self, func), *args), loop=self)
+        if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+            # The worker learns which loop started it: await_() there submits
+            # to it. (Only threads: a process pool must pickle `func` as is.)
+            func = wrap_for_executor(self, func)
+        return asyncio.wrap_future(executor.submit(func, *args), loop=self)
 
     # ---- fd watchers: the public ones refuse fds a transport uses -------
 

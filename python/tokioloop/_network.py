@@ -12,6 +12,7 @@ below, which is where tokioloop plugs in its native transports.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import selectors
@@ -69,6 +70,14 @@ class NetworkMixin:
         self._transports = weakref.WeakValueDictionary()
         self._unix_server_sockets = {}
         self._selector = _SelectorView(self)
+        # pidfds of children still running (closed with the loop).
+        self._child_pidfds: set[int] = set()
+
+    def _close_network(self) -> None:
+        """Loop closing: release what child watching holds (the reactor
+        has already dropped its readers)."""
+        while self._child_pidfds:
+            os.close(self._child_pidfds.pop())
 
     # ---- the standard library's slow paths ------------------------------
 
@@ -89,7 +98,32 @@ class NetworkMixin:
     subprocess_shell = _B.subprocess_shell
     _log_subprocess = _B._log_subprocess
     create_unix_connection = _U.create_unix_connection
-    create_unix_server = _U.create_unix_server
+    if "cleanup_socket" in inspect.signature(_U.create_unix_server).parameters:
+        create_unix_server = _U.create_unix_server
+    else:
+
+        async def create_unix_server(
+            self,
+            protocol_factory: Any,
+            path: Any = None,
+            *,
+            cleanup_socket: bool = False,
+            **kwargs: Any,
+        ) -> Any:
+            """asyncio's create_unix_server() for this version, plus 3.13's
+            cleanup_socket= (off by default here: before 3.13 asyncio never
+            removes the socket file)."""
+            server = await _U.create_unix_server(self, protocol_factory, path, **kwargs)
+            if cleanup_socket:
+                for sock in server._sockets:
+                    name = sock.getsockname()
+                    if name and name[0] not in (0, "\x00"):
+                        try:
+                            self._unix_server_sockets[sock] = os.stat(name).st_ino
+                        except FileNotFoundError:
+                            pass
+            return server
+
     _start_serving = _S._start_serving
     _accept_connection = _S._accept_connection
     _accept_connection2 = _S._accept_connection2
@@ -261,10 +295,16 @@ def _watch_child(loop: Any, pid: int, transp: Any) -> None:
             if got == 0:
                 return
             loop._remove_reader(pidfd)
+            loop._child_pidfds.discard(pidfd)
             os.close(pidfd)
             exited(status)
 
-        loop._add_reader(pidfd, on_pidfd)
+        try:
+            loop._add_reader(pidfd, on_pidfd)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        loop._child_pidfds.add(pidfd)
         return
 
     def wait_thread() -> None:

@@ -25,20 +25,18 @@ logger = logging.getLogger("asyncio")
 
 _SERVER_TAKES_TRANSPORT = len(inspect.signature(asyncio.Server._attach).parameters) > 1
 
-# Methods of the core exposed as the transport's own.
-_BOUND = (
+# Methods of the core exposed as the transport's own: those asyncio's
+# transport of the same kind has (a read pipe cannot write; a write pipe's
+# pause_reading() is the abstract one that raises NotImplementedError).
+_READING = ("is_reading", "pause_reading", "resume_reading")
+_WRITING = (
     "write",
     "writelines",
-    "is_closing",
-    "is_reading",
-    "pause_reading",
-    "resume_reading",
     "get_write_buffer_size",
     "get_write_buffer_limits",
     "set_write_buffer_limits",
-    "get_protocol",
-    "close",
 )
+_COMMON = ("is_closing", "get_protocol", "close")
 
 
 class _NativeStreamTransport:
@@ -47,6 +45,7 @@ class _NativeStreamTransport:
     _core: StreamTransportCore
     _kind = "socket"
     _server: Any = None
+    _bound: tuple[str, ...] = _COMMON + _READING + _WRITING
 
     def _setup(
         self,
@@ -63,7 +62,7 @@ class _NativeStreamTransport:
         self._server = server
         core = StreamTransportCore(loop, fileobj, fd, protocol, self, self._kind)
         self._core = core
-        for name in _BOUND:
+        for name in self._bound:
             setattr(self, name, getattr(core, name))
         if server is not None:
             if _SERVER_TAKES_TRANSPORT:
@@ -241,6 +240,7 @@ class SocketTransport(_NativeStreamTransport, transports._FlowControlMixin):
 
 class ReadPipeTransport(_NativeStreamTransport, asyncio.ReadTransport):
     _kind = "read_pipe"
+    _bound = _COMMON + _READING
 
     def __init__(
         self,
@@ -258,8 +258,9 @@ class ReadPipeTransport(_NativeStreamTransport, asyncio.ReadTransport):
         self._setup(loop, pipe, fd, protocol, waiter)
 
 
-class WritePipeTransport(_NativeStreamTransport, asyncio.WriteTransport):
+class WritePipeTransport(_NativeStreamTransport, transports._FlowControlMixin):
     _kind = "write_pipe"
+    _bound = _COMMON + _WRITING
 
     def __init__(
         self,
@@ -269,7 +270,7 @@ class WritePipeTransport(_NativeStreamTransport, asyncio.WriteTransport):
         waiter: asyncio.Future[Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        asyncio.WriteTransport.__init__(self, extra)
+        asyncio.Transport.__init__(self, extra)  # the mixin's own state lives in the core
         self._extra["pipe"] = pipe
         fd, is_chr = _check_pipe(pipe, read=False)
         self._pipe = pipe
@@ -339,6 +340,11 @@ class DatagramTransport(selector_events._SelectorDatagramTransport):
         self._native = DatagramCore(loop, sock, self, protocol, connected)
         super().__init__(loop, sock, protocol, address, waiter, extra)
 
+    def _call_connection_lost(self, exc: BaseException | None) -> None:
+        # In the transport's context, as the stream transports and uvloop do
+        # (asyncio: the context of whoever called close()).
+        self._native.call_in_context(super()._call_connection_lost, exc)
+
     def set_protocol(self, protocol: Any) -> None:
         super().set_protocol(protocol)
         native = getattr(self, "_native", None)
@@ -346,7 +352,9 @@ class DatagramTransport(selector_events._SelectorDatagramTransport):
             native.set_protocol(protocol)
 
     def _add_reader(self, fd: int, callback: Any, *args: Any) -> None:
-        if not self.is_reading():
+        # Not is_reading(): 3.10's datagram transport has no pause/resume, so
+        # its is_reading() is the abstract one that raises.
+        if self._closing or getattr(self, "_paused", False):
             return
         if callback == self._read_ready and not args:
             self._native.start()
@@ -354,6 +362,18 @@ class DatagramTransport(selector_events._SelectorDatagramTransport):
             self._loop._add_reader(fd, callback, *args)
 
     def sendto(self, data: Any, addr: Any = None) -> None:
+        if (
+            self._conn_lost
+            and not self._address
+            and isinstance(data, (bytes, bytearray, memoryview))
+        ):
+            # asyncio (3.10-3.13) fails here with an AttributeError from its
+            # released socket; count it as asyncio counts a connected
+            # endpoint's sends after close.
+            if self._conn_lost >= constants.LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                logger.warning("socket.send() raised exception.")
+            self._conn_lost += 1
+            return
         if not self._buffer and not self._conn_lost:
             if self._address:
                 if addr not in (None, self._address):

@@ -31,7 +31,8 @@ use super::oserror;
 use super::pyobjs;
 use super::selector::{Selector, Watcher, READ, WRITE};
 use super::timers::Timers;
-use crate::transports::{stream::MAX_READ, Source};
+use crate::transports::stream::{StreamCore, MAX_READ};
+use crate::transports::Source;
 use std::collections::HashMap;
 
 /// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day at once.
@@ -313,6 +314,13 @@ impl LoopCore {
         self.state.with(py, |st| st.ready.push_back(job));
     }
 
+    /// Queue work as call_soon would: refused once the loop is closed.
+    pub(crate) fn push_ready_open(&self, py: Python<'_>, job: Job) -> PyResult<()> {
+        self.check_closed()?;
+        self.push_ready(py, job);
+        Ok(())
+    }
+
     /// Queue work from any thread and wake the loop.
     pub(crate) fn push_threadsafe(&self, py: Python<'_>, job: Job) {
         self.push_ready(py, job);
@@ -501,6 +509,12 @@ impl LoopCore {
         fut: &Bound<'_, PyAny>,
     ) -> Option<u64> {
         self.with_state(py, |st| st.selector.op_for_future(fd, kind, fut.as_ptr()))
+    }
+
+    /// Whether the native operation `id` is still the one registered on
+    /// `fd` (a readiness job may outlive its operation's registration).
+    pub(crate) fn has_op(&self, py: Python<'_>, fd: RawFd, kind: u32, id: u64) -> bool {
+        self.with_state(py, |st| st.selector.has_op(fd, kind, id))
     }
 
     /// The native operation `id` on `fd` finished (or was cancelled): take
@@ -705,7 +719,10 @@ impl LoopCore {
                 res
             }
             Job::Io(fd, kind, op) => super::sock::run_op(slf, fd, kind, op),
-            Job::Call(f) => Self::report_native(slf, f(py)),
+            Job::Resolve(fut, res) => Self::report_native(slf, super::dns::resolve(py, fut, res)),
+            Job::Stream(core, job) => {
+                Self::report_native(slf, StreamCore::run_job(core.bind(py), job))
+            }
             Job::Source(src, kind) => Self::report_native(slf, src.on_ready(py, kind)),
             Job::Reader(r) => Self::report_native(slf, r.on_ready(py)),
         }

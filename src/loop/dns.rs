@@ -13,7 +13,7 @@ use super::pyobjs;
 
 type Lookup = for<'py> fn(Python<'py>) -> PyResult<Bound<'py, PyAny>>;
 
-fn resolve(py: Python<'_>, fut: Py<PyAny>, res: PyResult<Py<PyAny>>) -> PyResult<()> {
+pub(crate) fn resolve(py: Python<'_>, fut: Py<PyAny>, res: PyResult<Py<PyAny>>) -> PyResult<()> {
     let fut = fut.bind(py);
     if fut.call_method0(pyo3::intern!(py, "done"))?.is_truthy()? {
         return Ok(());
@@ -43,7 +43,7 @@ impl LoopCore {
                 let res = func(py)
                     .and_then(|f| f.call1(args.bind(py)))
                     .map(Bound::unbind);
-                let job = Job::Call(Box::new(move |py| resolve(py, fut, res)));
+                let job = Job::Resolve(fut, res);
                 lp.get().push_threadsafe(py, job);
             })
         });

@@ -10,17 +10,18 @@ use pyo3::PyTraverseError;
 use super::handle::HandleRef;
 use super::selector::NativeReader;
 use super::sock::SockOp;
+use crate::transports::stream::{StreamCore, StreamJob};
 use crate::transports::Source;
-
-pub(crate) type NativeFn = Box<dyn FnOnce(Python<'_>) -> PyResult<()> + Send>;
 
 pub(crate) enum Job {
     /// A Python callback scheduled with call_soon & co., or a reader/writer.
     Handle(HandleRef),
     /// A native socket operation whose fd became ready: retry it.
     Io(RawFd, u32, Arc<dyn SockOp>),
-    /// Native work handed over from another thread (DNS results, ...).
-    Call(NativeFn),
+    /// A blocking-pool result (getaddrinfo & co.) for its future.
+    Resolve(Py<PyAny>, PyResult<Py<PyAny>>),
+    /// Deferred work of a stream transport (start, connection_lost, ...).
+    Stream(Py<StreamCore>, StreamJob),
     /// A transport's fd is ready (kind: READ or WRITE).
     Source(Source, u8),
     /// A native reader's fd is readable.
@@ -32,7 +33,19 @@ impl Job {
         match self {
             Job::Handle(h) => h.visit_queued(visit),
             Job::Io(_, _, op) => op.visit(visit),
-            Job::Call(_) => Ok(()),
+            Job::Resolve(fut, res) => {
+                visit.call(fut)?;
+                match res {
+                    Ok(v) => visit.call(v),
+                    // An exception's references are not reachable through
+                    // PyErr without normalising it; it is short-lived.
+                    Err(_) => Ok(()),
+                }
+            }
+            Job::Stream(core, job) => {
+                visit.call(core)?;
+                job.visit(visit)
+            }
             Job::Source(s, _) => s.visit(visit),
             Job::Reader(r) => r.visit(visit),
         }

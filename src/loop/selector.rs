@@ -34,15 +34,19 @@ pub(crate) enum Watcher {
     Reader(Arc<dyn NativeReader>),
     /// A user callback (add_reader/add_writer).
     Py(HandleRef),
-    /// An internal operation (sock_recv and friends), retried on readiness.
-    Native(Arc<dyn super::sock::SockOp>),
+    /// An internal operation (sock_recv and friends), retried on readiness,
+    /// with the io-ref that keeps its socket open while it is pending.
+    Native(Arc<dyn super::sock::SockOp>, super::sock::IoRef),
 }
 
 impl Watcher {
     fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         match self {
             Watcher::Py(h) => visit.call(h.as_py()),
-            Watcher::Native(op) => op.visit(visit),
+            Watcher::Native(op, io) => {
+                op.visit(visit)?;
+                io.visit(visit)
+            }
             Watcher::Reader(r) => r.visit(visit),
         }
     }
@@ -281,7 +285,7 @@ impl Selector {
     ) -> Option<Watcher> {
         let entry = self.entries.get_mut(&fd)?;
         match entry.slot(kind) {
-            Some(Watcher::Native(op)) if op.id() == id => {}
+            Some(Watcher::Native(op, _)) if op.id() == id => {}
             _ => return None,
         }
         let was_active = entry.is_active();
@@ -341,7 +345,7 @@ impl Selector {
                     }
                     Some(Watcher::Py(_)) => true,
                     // Native operations stay registered until they finish.
-                    Some(Watcher::Native(op)) => {
+                    Some(Watcher::Native(op, _)) => {
                         ready.push1(Job::Io(fd, kind, op.clone()));
                         false
                     }
@@ -361,6 +365,15 @@ impl Selector {
         }
     }
 
+    pub(crate) fn has_op(&self, fd: RawFd, kind: u32, id: u64) -> bool {
+        self.entries.get(&fd).is_some_and(|e| {
+            matches!(
+                if kind == READ { &e.reader } else { &e.writer },
+                Some(Watcher::Native(op, _)) if op.id() == id
+            )
+        })
+    }
+
     /// The id of the native operation on `fd` that resolves `fut`, if any.
     pub(crate) fn op_for_future(
         &self,
@@ -370,7 +383,7 @@ impl Selector {
     ) -> Option<u64> {
         let e = self.entries.get(&fd)?;
         match if kind == READ { &e.reader } else { &e.writer } {
-            Some(Watcher::Native(op)) if op.fut().as_ptr() == fut => Some(op.id()),
+            Some(Watcher::Native(op, _)) if op.fut().as_ptr() == fut => Some(op.id()),
             _ => None,
         }
     }

@@ -45,6 +45,47 @@ pub(crate) trait SockOp: Send + Sync {
     }
 }
 
+/// While a native operation is pending on a socket.socket, the socket's
+/// close() is deferred, through the socket's own io-ref count (the one
+/// makefile() streams use): the fd cannot be closed, and its number reused
+/// by another file, under the operation. Dropping the IoRef (the operation
+/// finished, was abandoned or the loop closed) completes a deferred close.
+pub(crate) struct IoRef(Option<Py<PyAny>>);
+
+impl IoRef {
+    pub(crate) fn take(sock: &Bound<'_, PyAny>) -> IoRef {
+        let py = sock.py();
+        let name = pyo3::intern!(py, "_io_refs");
+        // Only socket.socket (and subclasses) have the io-ref protocol.
+        let Ok(n) = sock.getattr(name).and_then(|n| n.extract::<isize>()) else {
+            return IoRef(None);
+        };
+        if sock.setattr(name, n + 1).is_err() {
+            return IoRef(None);
+        }
+        IoRef(Some(sock.clone().unbind()))
+    }
+
+    pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.0)
+    }
+}
+
+impl Drop for IoRef {
+    fn drop(&mut self) {
+        if let Some(sock) = self.0.take() {
+            // Watchers are dropped outside the loop-state borrow, on the
+            // loop's thread; attach is a no-op when the GIL is held.
+            Python::attach(|py| {
+                let sock = sock.bind(py);
+                if let Err(e) = sock.call_method0(pyo3::intern!(py, "_decref_socketios")) {
+                    e.write_unraisable(py, Some(sock));
+                }
+            });
+        }
+    }
+}
+
 fn would_block(py: Python<'_>, e: &PyErr) -> bool {
     e.is_instance_of::<PyBlockingIOError>(py) || e.is_instance_of::<PyInterruptedError>(py)
 }
@@ -68,6 +109,11 @@ pub(crate) fn run_op(
     op: Arc<dyn SockOp>,
 ) -> PyResult<()> {
     let py = slf.py();
+    if !slf.get().has_op(py, fd, kind, op.id()) {
+        // Replaced or abandoned since the event was queued: its socket may
+        // be closed by now, so do not touch the fd.
+        return Ok(());
+    }
     let fut = op.fut().bind(py);
     if fut_done(fut)? {
         slf.get().remove_op(py, fd, kind, op.id());
@@ -423,8 +469,13 @@ impl LoopCore {
         fut: Bound<'py, PyAny>,
         op: Arc<dyn SockOp>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        slf.get()
-            .set_watcher(slf.py(), fd, kind, Watcher::Native(op), Some(sock))?;
+        slf.get().set_watcher(
+            slf.py(),
+            fd,
+            kind,
+            Watcher::Native(op, IoRef::take(sock)),
+            Some(sock),
+        )?;
         Ok(fut)
     }
 

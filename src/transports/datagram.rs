@@ -43,10 +43,13 @@ pub struct DatagramCore {
     fd: RawFd,
     family: i32,
     connected: bool,
-    sock: Py<PyAny>,
+    /// The Python transport: kept alive by the loop's reader while
+    /// receiving, as asyncio's selector keeps its transport alive.
     transport: Py<PyAny>,
     /// The context the transport was made in (protocol callbacks run in it).
     ctx: Py<PyAny>,
+    /// True while `ctx` is entered by us (it cannot be entered twice).
+    in_ctx: std::sync::atomic::AtomicBool,
     cb: GilCell<Option<Cached>>,
     addr: GilCell<Option<AddrCache>>,
 }
@@ -124,6 +127,31 @@ fn sockaddr_to_py<'py>(py: Python<'py>, raw: &[u8]) -> PyResult<Option<Bound<'py
     Ok(None)
 }
 
+/// Python's address for a non-IP sockaddr from recvfrom, as the socket
+/// module makes it: None for an empty address, for AF_UNIX the abstract
+/// name as bytes or the path as str (the file system encoding), else None.
+fn other_sockaddr_to_py<'py>(py: Python<'py>, raw: &[u8]) -> Bound<'py, PyAny> {
+    const PATH: usize = std::mem::size_of::<libc::sa_family_t>();
+    if raw.len() < PATH || u16::from_ne_bytes([raw[0], raw[1]]) as i32 != libc::AF_UNIX {
+        return py.None().into_bound(py);
+    }
+    let path = &raw[PATH..];
+    if path.first() == Some(&0) {
+        return PyBytes::new(py, path).into_any();
+    }
+    let len = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+    // SAFETY: `path[..len]` is a valid buffer of `len` bytes; the call
+    // returns a new reference or NULL with an exception set.
+    unsafe {
+        let obj =
+            ffi::PyUnicode_DecodeFSDefaultAndSize(path.as_ptr().cast(), len as ffi::Py_ssize_t);
+        Bound::from_owned_ptr_or_opt(py, obj).unwrap_or_else(|| {
+            PyErr::fetch(py);
+            PyBytes::new(py, &path[..len]).into_any()
+        })
+    }
+}
+
 /// The sockaddr for a Python (host, port...) address whose host is an IP
 /// literal; None when the socket module must handle it (names, scopes).
 fn py_to_sockaddr(family: i32, addr: &Bound<'_, PyAny>) -> Option<Vec<u8>> {
@@ -179,6 +207,20 @@ fn py_to_sockaddr(family: i32, addr: &Bound<'_, PyAny>) -> Option<Vec<u8>> {
 }
 
 impl DatagramCore {
+    /// Run `f` in the transport's context (directly if already in it).
+    fn in_own_context<R>(&self, py: Python<'_>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.in_ctx.load(Relaxed) {
+            return f();
+        }
+        run_in_context(py, &self.ctx, || {
+            self.in_ctx.store(true, Relaxed);
+            let r = f();
+            self.in_ctx.store(false, Relaxed);
+            r
+        })
+    }
+
     fn callbacks(&self, py: Python<'_>) -> Option<(Py<PyAny>, Py<PyAny>)> {
         self.cb.with(py, |c| {
             c.as_ref().map(|c| {
@@ -253,13 +295,7 @@ impl DatagramCore {
                     unsafe { std::slice::from_raw_parts(storage.as_ptr().cast::<u8>(), alen) };
                 let addr = match self.addr_object(py, raw)? {
                     Some(a) => a,
-                    // Other families: let the socket module say what the
-                    // address is (getpeername-style formats).
-                    None => self
-                        .sock
-                        .bind(py)
-                        .call_method0(pyo3::intern!(py, "getpeername"))
-                        .unwrap_or_else(|_| py.None().into_bound(py)),
+                    None => other_sockaddr_to_py(py, raw),
                 };
                 datagram_received.bind(py).call1((data, addr))?;
                 Ok(true)
@@ -270,7 +306,7 @@ impl DatagramCore {
 
 impl NativeReader for DatagramCore {
     fn on_ready(&self, py: Python<'_>) -> PyResult<()> {
-        run_in_context(py, &self.ctx, || {
+        self.in_own_context(py, || {
             for _ in 0..BATCH {
                 if !self.receive_one(py)? {
                     break;
@@ -282,7 +318,6 @@ impl NativeReader for DatagramCore {
 
     fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         visit.call(&self.lp)?;
-        visit.call(&self.sock)?;
         visit.call(&self.transport)?;
         visit.call(&self.ctx)?;
         if let Some(r) = self.cb.try_with(|c| -> Result<(), pyo3::PyTraverseError> {
@@ -322,14 +357,28 @@ impl DatagramCore {
             fd,
             family,
             connected,
-            sock: sock.unbind(),
             transport: transport.unbind(),
             ctx: copy_context(py)?,
+            in_ctx: std::sync::atomic::AtomicBool::new(false),
             cb: GilCell::new(None),
             addr: GilCell::new(None),
         };
         core.set_protocol(py, &protocol)?;
         Ok(core)
+    }
+
+    fn __traverse__(&self, visit: pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        NativeReader::visit(self, &visit)
+    }
+
+    /// Breaks the cycles through the protocol (protocol -> transport ->
+    /// this core -> bound protocol methods) and the address cache.
+    fn __clear__(&self) {
+        let old = (
+            self.cb.try_with(|c| c.take()),
+            self.addr.try_with(|c| c.take()),
+        );
+        drop(old);
     }
 
     fn set_protocol(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
@@ -340,6 +389,18 @@ impl DatagramCore {
         let old = self.cb.with(py, |s| s.replace(c));
         drop(old);
         Ok(())
+    }
+
+    /// `f(*args)` in the transport's context, where asyncio's callbacks
+    /// that the loop makes run (connection_lost() included, wherever
+    /// close() was called from).
+    #[pyo3(signature = (f, *args))]
+    fn call_in_context<'py>(
+        &self,
+        f: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.in_own_context(f.py(), || f.call1(args))
     }
 
     /// Start (or resume) receiving: a native reader on the loop.

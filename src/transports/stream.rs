@@ -97,6 +97,9 @@ struct State {
     file: Option<Py<PyAny>>,
     protocol_connected: bool,
     paused: bool,
+    /// The peer's end of file was read and the protocol kept the
+    /// connection open: no more reading, though not "paused".
+    read_eof: bool,
     closing: bool,
     eof: bool,
     conn_lost: u32,
@@ -307,7 +310,12 @@ impl StreamCore {
     }
 
     fn reading_enabled(&self, s: &State) -> bool {
-        self.kind != Kind::WritePipe && !s.closing && !s.paused && s.conn_lost == 0 && s.started
+        self.kind != Kind::WritePipe
+            && !s.closing
+            && !s.paused
+            && !s.read_eof
+            && s.conn_lost == 0
+            && s.started
     }
 
     fn on_readable(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -466,6 +474,20 @@ impl StreamCore {
                 return Self::fatal(slf, e, "Fatal error: protocol.get_buffer() call failed.");
             }
         };
+        // As asyncio: len(buf) failing or zero is get_buffer's fault...
+        match buf.len() {
+            Ok(0) => {
+                return Self::fatal(
+                    slf,
+                    PyRuntimeError::new_err("get_buffer() returned an empty buffer"),
+                    "Fatal error: protocol.get_buffer() call failed.",
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Self::fatal(slf, e, "Fatal error: protocol.get_buffer() call failed.")
+            }
+        }
         let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::uninit();
         // SAFETY: PyObject_GetBuffer fills `view` on success; we release it
         // below on every path. PyBUF_WRITABLE asks for a contiguous writable
@@ -473,11 +495,14 @@ impl StreamCore {
         if unsafe { ffi::PyObject_GetBuffer(buf.as_ptr(), view.as_mut_ptr(), ffi::PyBUF_WRITABLE) }
             < 0
         {
-            return Self::fatal(
-                slf,
-                PyErr::fetch(py),
-                "Fatal error: protocol.get_buffer() call failed.",
-            );
+            // ... while a buffer recv_into() cannot fill is a read error
+            // with recv_into's TypeError.
+            drop(PyErr::fetch(py));
+            let err = PyTypeError::new_err(format!(
+                "recv_into() argument 'buffer' must be read-write bytes-like object, not {}",
+                buf.get_type().name()?
+            ));
+            return Self::fatal(slf, err, this.read_error_message());
         }
         // SAFETY: initialised by the successful PyObject_GetBuffer above.
         let mut view = unsafe { view.assume_init() };
@@ -545,16 +570,12 @@ impl StreamCore {
                     .bind(py)
                     .getattr(pyo3::intern!(py, "eof_received"))?
                     .unbind();
-                let ctx = this.ctx.clone_ref(py);
-                this.lp(py).get().push_ready(
+                this.lp(py).get().push_ready_open(
                     py,
-                    Job::Call(Box::new(move |py| {
-                        run_in_context(py, &ctx, || eof.bind(py).call0().map(|_| ()))
-                    })),
-                );
+                    Job::Stream(slf.clone().unbind(), StreamJob::Call0(eof)),
+                )?;
             }
-            Self::schedule_connection_lost(slf, None);
-            return Ok(());
+            return Self::schedule_connection_lost(slf, None);
         }
         let keep_open = match this.call_protocol0(py, "eof_received") {
             Ok(r) => r.map(|v| v.is_truthy()).transpose()?.unwrap_or(false),
@@ -567,7 +588,7 @@ impl StreamCore {
         };
         if keep_open && this.kind == Kind::Socket {
             // Keep the connection open for writing; stop reading.
-            this.st.with(py, |s| s.paused = true);
+            this.st.with(py, |s| s.read_eof = true);
             Ok(())
         } else {
             Self::do_close(slf)
@@ -653,7 +674,7 @@ impl StreamCore {
         }
         if closing {
             this.st.with(py, |s| s.conn_lost += 1);
-            Self::schedule_connection_lost(slf, None);
+            Self::schedule_connection_lost(slf, None)?;
         } else if eof {
             this.shutdown_write();
         }
@@ -754,17 +775,46 @@ impl StreamCore {
         Ok(())
     }
 
-    fn schedule_connection_lost(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) {
+    /// As asyncio's `call_soon(self._call_connection_lost, exc)`: raises
+    /// RuntimeError once the loop is closed.
+    fn schedule_connection_lost(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
         let py = slf.py();
-        let me = slf.clone().unbind();
-        slf.get().lp(py).get().push_ready(
+        slf.get().lp(py).get().push_ready_open(
             py,
-            Job::Call(Box::new(move |py| {
-                let me = me.bind(py);
-                me.get()
-                    .in_own_context(py, || StreamCore::call_connection_lost(me, exc))
-            })),
-        );
+            Job::Stream(slf.clone().unbind(), StreamJob::ConnectionLost(exc)),
+        )
+    }
+
+    /// Run deferred work queued as a Job::Stream.
+    pub(crate) fn run_job(slf: &Bound<'_, Self>, job: StreamJob) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        match job {
+            StreamJob::Start => Self::start_reading(slf),
+            StreamJob::ConnectionLost(exc) => {
+                this.in_own_context(py, || Self::call_connection_lost(slf, exc))
+            }
+            StreamJob::Call0(f) => run_in_context(py, &this.ctx, || f.bind(py).call0().map(|_| ())),
+        }
+    }
+
+    /// The first step once connection_made() has run: start reading (or,
+    /// for write pipes, watching for the reader going away).
+    fn start_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        this.st.with(py, |s| s.started = true);
+        if this.kind != Kind::WritePipe {
+            StreamCore::arm(slf, READ);
+        } else if this.watch_hangup {
+            // The reader going away shows as an error/hang-up on the write
+            // end, which Tokio reports only to writers: watch it
+            // level-triggered, as asyncio does.
+            let reader: std::sync::Arc<dyn NativeReader> =
+                std::sync::Arc::new(WritePipeHangup(slf.clone().unbind()));
+            this.lp(py).get().add_native_reader(py, this.fd, reader)?;
+        }
+        Ok(())
     }
 
     fn call_connection_lost(slf: &Bound<'_, Self>, exc: Option<Py<PyAny>>) -> PyResult<()> {
@@ -835,7 +885,7 @@ impl StreamCore {
             }
         });
         if lost_now {
-            Self::schedule_connection_lost(slf, None);
+            Self::schedule_connection_lost(slf, None)?;
         }
         Ok(())
     }
@@ -853,7 +903,7 @@ impl StreamCore {
             true
         });
         if go {
-            Self::schedule_connection_lost(slf, exc);
+            Self::schedule_connection_lost(slf, exc)?;
         }
         Ok(())
     }
@@ -862,7 +912,13 @@ impl StreamCore {
         let buffered_type = py
             .import("asyncio")?
             .getattr(pyo3::intern!(py, "BufferedProtocol"))?;
-        let buffered = protocol.is_instance(&buffered_type)?;
+        // As uvloop: a protocol with get_buffer()/buffer_updated() and no
+        // data_received() is buffered even if it does not subclass
+        // asyncio.BufferedProtocol (asyncio would fail on it).
+        let buffered = protocol.is_instance(&buffered_type)?
+            || (protocol.hasattr(pyo3::intern!(py, "get_buffer"))?
+                && protocol.hasattr(pyo3::intern!(py, "buffer_updated"))?
+                && !protocol.hasattr(pyo3::intern!(py, "data_received"))?);
         let get = |name: &str| protocol.getattr(name).ok().map(Bound::unbind);
         Ok(Callbacks {
             protocol: protocol.clone().unbind(),
@@ -886,8 +942,8 @@ impl StreamCore {
             Ok(())
         } else {
             Err(PyTypeError::new_err(format!(
-                "data argument must be a bytes-like object, not {:?}",
-                data.get_type().name()?.to_string()
+                "data argument must be a bytes-like object, not '{}'",
+                data.get_type().name()?
             )))
         }
     }
@@ -905,6 +961,27 @@ impl NativeReader for WritePipeHangup {
 
     fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         visit.call(&self.0)
+    }
+}
+
+/// Deferred work of a stream transport, queued on the loop as
+/// `Job::Stream` (a plain enum, so the GC sees what it holds).
+pub(crate) enum StreamJob {
+    /// Start reading once connection_made() has run.
+    Start,
+    /// Call the protocol's connection_lost(exc) and release the fd.
+    ConnectionLost(Option<Py<PyAny>>),
+    /// Call this callable with no arguments in the transport's context.
+    Call0(Py<PyAny>),
+}
+
+impl StreamJob {
+    pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        match self {
+            StreamJob::Start => Ok(()),
+            StreamJob::ConnectionLost(exc) => visit.call(exc),
+            StreamJob::Call0(f) => visit.call(f),
+        }
     }
 }
 
@@ -974,6 +1051,7 @@ impl StreamCore {
                 file: Some(file.unbind()),
                 protocol_connected: true,
                 paused: false,
+                read_eof: false,
                 closing: false,
                 eof: false,
                 conn_lost: 0,
@@ -996,26 +1074,9 @@ impl StreamCore {
         this.lp(py)
             .get()
             .register_source(py, this.token, Source::Stream(slf.clone().unbind()));
-        let me = slf.clone().unbind();
-        this.lp(py).get().push_ready(
-            py,
-            Job::Call(Box::new(move |py| {
-                let me = me.bind(py);
-                let this = me.get();
-                this.st.with(py, |s| s.started = true);
-                if this.kind != Kind::WritePipe {
-                    StreamCore::arm(me, READ);
-                } else if this.watch_hangup {
-                    // The reader going away shows as an error/hang-up on
-                    // the write end, which Tokio reports only to writers:
-                    // watch it level-triggered, as asyncio does.
-                    let reader: std::sync::Arc<dyn NativeReader> =
-                        std::sync::Arc::new(WritePipeHangup(me.clone().unbind()));
-                    this.lp(py).get().add_native_reader(py, this.fd, reader)?;
-                }
-                Ok(())
-            })),
-        );
+        this.lp(py)
+            .get()
+            .push_ready_open(py, Job::Stream(slf.clone().unbind(), StreamJob::Start))?;
         Ok(())
     }
 
@@ -1029,7 +1090,9 @@ impl StreamCore {
             Warn,
             Error(i32),
         }
-        let next = with_bytes(data, |bytes| {
+        // A buffer that cannot be taken (a non-contiguous view) fails as
+        // asyncio's socket.send() of it does: a fatal write error.
+        let next = match with_bytes(data, |bytes| {
             this.st.with(py, |s| -> PyResult<Next> {
                 if s.eof {
                     return Err(PyRuntimeError::new_err(
@@ -1075,7 +1138,10 @@ impl StreamCore {
                 s.buf.push(&bytes[off..]);
                 Ok(Next::Buffered(true))
             })
-        })??;
+        }) {
+            Ok(next) => next?,
+            Err(e) => return Self::fatal(slf, e, this.write_error_message()),
+        };
         match next {
             Next::Done => Ok(()),
             Next::Warn => {
@@ -1096,8 +1162,35 @@ impl StreamCore {
     }
 
     fn writelines(slf: &Bound<'_, Self>, list_of_data: &Bound<'_, PyAny>) -> PyResult<()> {
-        for item in list_of_data.try_iter()? {
-            Self::write(slf, &item?)?;
+        let py = slf.py();
+        let this = slf.get();
+        if this.kind != Kind::Socket || py.version_info() < (3, 12) {
+            // asyncio's WriteTransport.writelines: one write of the join.
+            let joined =
+                PyBytes::new(py, b"").call_method1(pyo3::intern!(py, "join"), (list_of_data,))?;
+            return Self::write(slf, &joined);
+        }
+        // 3.12+ socket transports: every item taken as a memoryview before
+        // anything is sent, so a bad item sends nothing.
+        this.st.with(py, |s| {
+            if s.eof {
+                Err(PyRuntimeError::new_err(
+                    "Cannot call writelines() after write_eof()",
+                ))
+            } else if s.empty_waiter.is_some() {
+                Err(PyRuntimeError::new_err(
+                    "unable to writelines; sendfile is in progress",
+                ))
+            } else {
+                Ok(())
+            }
+        })?;
+        let items = list_of_data
+            .try_iter()?
+            .map(|item| PyMemoryView::from(&item?))
+            .collect::<PyResult<Vec<_>>>()?;
+        for item in items {
+            Self::write(slf, item.as_any())?;
         }
         Ok(())
     }
@@ -1143,7 +1236,7 @@ impl StreamCore {
         });
     }
 
-    fn resume_reading(slf: &Bound<'_, Self>) {
+    fn resume_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let resume = slf.get().st.with(py, |s| {
             if s.closing || !s.paused {
@@ -1153,9 +1246,13 @@ impl StreamCore {
             true
         });
         if resume {
+            // As asyncio's (which adds its reader again): refused on a
+            // closed loop.
+            slf.get().lp(py).get().check_closed()?;
             // Data may have arrived while paused: look now.
             Self::arm(slf, READ);
         }
+        Ok(())
     }
 
     fn get_write_buffer_size(&self, py: Python<'_>) -> usize {
@@ -1269,7 +1366,7 @@ impl StreamCore {
         self.st.with(py, |s| {
             let open = s.reg.is_some() && s.started;
             (
-                open && !s.paused && !s.closing && self.kind != Kind::WritePipe,
+                open && !s.paused && !s.read_eof && !s.closing && self.kind != Kind::WritePipe,
                 open && !s.buf.is_empty(),
             )
         })

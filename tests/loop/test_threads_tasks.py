@@ -204,6 +204,17 @@ def test_run_in_executor(loop: tokioloop.Loop) -> None:
         loop.run_until_complete(loop.run_in_executor(None, print))  # type: ignore[arg-type]
 
 
+def test_run_in_process_pool(loop: tokioloop.Loop) -> None:
+    """A process pool gets the function itself (it must pickle it), not
+    the wrapper thread pools get for await_()."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        got = loop.run_until_complete(asyncio.wait_for(loop.run_in_executor(pool, pow, 2, 10), 60))
+    assert got == 1024
+
+
 def test_set_default_executor(loop: tokioloop.Loop) -> None:
     ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mine")
     loop.set_default_executor(ex)

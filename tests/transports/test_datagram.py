@@ -1,0 +1,367 @@
+"""Datagram transports: round trips on IPv4, IPv6 and Unix sockets, ICMP
+refusals on connected UDP, flow control when the kernel pushes back, a
+burst of datagrams, and freeing closed transports."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import tempfile
+import weakref
+from typing import Any
+
+import pytest
+
+import tokioloop
+
+from ._util import (
+    LOOPS,
+    fds_released,
+    free_port,
+    ipv6_available,
+    on_both,
+    run_on,
+)
+
+#: Every scenario here takes milliseconds; a hang fails after this long.
+SHORT = 2.0
+
+
+class Collect(asyncio.DatagramProtocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, echo: bool = False) -> None:
+        self.loop = loop
+        self.echo = echo
+        self.got: list[tuple[bytes, Any]] = []
+        self.errors: list[BaseException] = []
+        self.arrived = asyncio.Event()
+        self.erred = asyncio.Event()
+        self.events: list[str] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.tr = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.append((data, addr))
+        self.arrived.set()
+        if self.echo:
+            self.tr.sendto(data.upper(), addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors.append(exc)
+        self.erred.set()
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+    async def wait_for_count(self, n: int) -> None:
+        while len(self.got) < n:
+            self.arrived.clear()
+            await self.arrived.wait()
+
+
+FAMILIES = [
+    pytest.param(socket.AF_INET, "127.0.0.1", id="ipv4"),
+    pytest.param(
+        socket.AF_INET6,
+        "::1",
+        id="ipv6",
+        marks=pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback here"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("family", "host"), FAMILIES)
+def test_sendto_recvfrom_round_trip(family: int, host: str) -> None:
+    """An echo endpoint and a client: payload types asyncio accepts, the
+    peer addresses as asyncio reports them (2- or 4-tuples), in order."""
+
+    payloads: list[Any] = [b"bytes", bytearray(b"bytearray"), memoryview(b"xxmemoryview")[2:]]
+    payloads += [os.urandom(1000), os.urandom(60_000)]
+
+    async def main(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        server, sp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop, echo=True), local_addr=(host, 0)
+        )
+        saddr = server.get_extra_info("sockname")
+        client, cp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop), local_addr=(host, 0), family=family
+        )
+        for p in payloads:
+            client.sendto(p, saddr)
+        await cp.wait_for_count(len(payloads))
+        caddr = client.get_extra_info("sockname")
+        result = {
+            "client_got": [(d, a == saddr) for d, a in cp.got],
+            "server_saw": [a == caddr for _, a in sp.got],
+            "addr_shape": [len(a) for _, a in cp.got],
+            "sizes": [len(d) for d, _ in sp.got],
+            "errors": cp.errors + sp.errors,
+        }
+        client.close()
+        server.close()
+        await asyncio.sleep(0)
+        return result
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    ours, ref = runs["tokioloop"].result, runs["asyncio"].result
+    assert ours == ref
+    assert ours["sizes"] == [5, 9, 10, 1000, 60_000]
+    assert all(ok for _, ok in ours["client_got"]) and all(ours["server_saw"])
+
+
+def test_empty_datagram() -> None:
+    """b'' is sent or not as asyncio of this version does it."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> list[Any]:
+        server, sp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop), local_addr=("127.0.0.1", 0)
+        )
+        client, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=server.get_extra_info("sockname")
+        )
+        client.sendto(b"")
+        client.sendto(b"marker")
+        await sp.wait_for_count(1)
+        while sp.got[-1][0] != b"marker":
+            await sp.wait_for_count(len(sp.got) + 1)
+        client.close()
+        server.close()
+        return [d for d, _ in sp.got]
+
+    runs = on_both(main, timeout=SHORT)
+    assert runs["tokioloop"].result == runs["asyncio"].result
+
+
+def _refused_scenario(port: int) -> Any:
+    async def main(loop: asyncio.AbstractEventLoop) -> list[tuple[str, Any, str]]:
+        tr, p = await loop.create_datagram_endpoint(
+            lambda: Collect(loop), remote_addr=("127.0.0.1", port)
+        )
+        # the ICMP port unreachable comes back as ECONNREFUSED on the next
+        # receive (or send) of the connected socket
+        for _ in range(20):
+            tr.sendto(b"anyone?")
+            try:
+                await asyncio.wait_for(p.erred.wait(), 0.2)
+                break
+            except asyncio.TimeoutError:
+                continue
+        tr.close()
+        await asyncio.sleep(0)
+        return [(type(e).__name__, getattr(e, "errno", None), str(e)) for e in p.errors]
+
+    return main
+
+
+def test_connected_udp_refused_goes_to_error_received() -> None:
+    runs = on_both(_refused_scenario(free_port(kind=socket.SOCK_DGRAM)))
+    ref, ours = runs["asyncio"].result, runs["tokioloop"].result
+    assert ref, "no ICMP refusal on this host: asyncio saw none either"
+    assert {e[0] for e in ours} == {"ConnectionRefusedError"}
+    assert runs["tokioloop"].errors == []
+
+
+def test_connected_udp_refused_error_has_errno() -> None:
+    runs = on_both(_refused_scenario(free_port(kind=socket.SOCK_DGRAM)))
+    ref, ours = runs["asyncio"].result, runs["tokioloop"].result
+    assert ref[0][1:] == (111, "[Errno 111] Connection refused")
+    assert ours[0] == ref[0]
+
+
+def test_sendto_error_goes_to_error_received_with_errno() -> None:
+    """A broadcast without SO_BROADCAST: EACCES, reported to
+    error_received() (the transport stays open)."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[Any, ...]:
+        tr, p = await loop.create_datagram_endpoint(
+            lambda: Collect(loop), local_addr=("127.0.0.1", 0)
+        )
+        tr.sendto(b"x", ("255.255.255.255", 9))
+        await p.erred.wait()
+        e = p.errors[0]
+        closing = tr.is_closing()
+        tr.close()
+        return type(e).__name__, e.errno, str(e), closing  # type: ignore[attr-defined]
+
+    runs = on_both(main, timeout=SHORT)
+    assert runs["asyncio"].result == ("PermissionError", 13, "[Errno 13] Permission denied", False)
+    assert runs["tokioloop"].result == runs["asyncio"].result
+
+
+@pytest.fixture
+def sockdir() -> Any:
+    with tempfile.TemporaryDirectory(prefix="tld", dir="/tmp") as d:
+        yield d
+
+
+def test_unix_datagram_round_trip(sockdir: str) -> None:
+    """AF_UNIX datagram endpoints bound to paths: addresses are the paths."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        spath = os.path.join(sockdir, f"s-{type(loop).__name__}")
+        cpath = os.path.join(sockdir, f"c-{type(loop).__name__}")
+        server, sp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop, echo=True), local_addr=spath, family=socket.AF_UNIX
+        )
+        client, cp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop),
+            local_addr=cpath,
+            remote_addr=spath,
+            family=socket.AF_UNIX,
+        )
+        for i in range(100):
+            client.sendto(b"msg %d" % i)
+        await cp.wait_for_count(100)
+        result = {
+            "got": [d for d, _ in cp.got],
+            "client_addrs": {a == spath for _, a in cp.got},
+            "server_addrs": {a == cpath for _, a in sp.got},
+        }
+        client.close()
+        server.close()
+        await asyncio.sleep(0)
+        return result
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    ours = runs["tokioloop"].result
+    assert ours == runs["asyncio"].result
+    assert ours["got"] == [b"MSG %d" % i for i in range(100)]
+    assert ours["client_addrs"] == {True} and ours["server_addrs"] == {True}
+
+
+def test_flow_control_when_the_receiver_stalls(sockdir: str) -> None:
+    """Unix datagram sockets: while the receiver does not read, its
+    queue fills, sendto() would block and the transport buffers; past the
+    high-water mark pause_writing() is called. When the receiver reads
+    again everything is delivered, in order, and resume_writing() comes."""
+    N = 400
+
+    async def main(loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
+        rpath = os.path.join(sockdir, f"r-{type(loop).__name__}")
+        receiver, rp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop), local_addr=rpath, family=socket.AF_UNIX
+        )
+        sender, sp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop), remote_addr=rpath, family=socket.AF_UNIX
+        )
+        receiver.pause_reading()
+        sender.set_write_buffer_limits(high=4096, low=1024)
+        for i in range(N):
+            sender.sendto(b"%04d" % i + b"." * 200)
+        paused_at = sender.get_write_buffer_size()
+        receiver.resume_reading()
+        await rp.wait_for_count(N)
+        while sender._buffer:  # type: ignore[attr-defined]  # asyncio's own queue
+            await asyncio.sleep(0.001)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        result = {
+            "order": [d[:4] for d, _ in rp.got] == [b"%04d" % i for i in range(N)],
+            "events": sp.events,
+            "buffered": paused_at > 4096,
+            # 3.13.0's datagram transport miscounts its buffer size, so that
+            # resume_writing() never comes: compared with asyncio, not fixed
+            "size": sender.get_write_buffer_size(),
+            "errors": sp.errors + rp.errors,
+        }
+        sender.close()
+        receiver.close()
+        await asyncio.sleep(0)
+        return result
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    ours = runs["tokioloop"].result
+    assert ours == runs["asyncio"].result
+    assert ours["order"] and ours["buffered"]
+    assert ours["events"][0] == "pause"
+    assert runs["tokioloop"].errors == []
+
+
+def test_burst_of_datagrams_in_order() -> None:
+    """2,000 datagrams sent in one go on loopback, with a receive buffer
+    big enough for all of them: all arrive, in order."""
+    N = 2000
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[int, bool]:
+        rsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rsock.bind(("127.0.0.1", 0))
+        rcvbuf = rsock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        receiver, rp = await loop.create_datagram_endpoint(lambda: Collect(loop), sock=rsock)
+        sender, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=rsock.getsockname()
+        )
+        # each small datagram costs about 1 KiB of receive buffer
+        assert rcvbuf >= N * 1024, f"SO_RCVBUF only {rcvbuf}"
+        for i in range(N):
+            sender.sendto(b"%06d" % i)
+        await rp.wait_for_count(N)
+        in_order = [d for d, _ in rp.got] == [b"%06d" % i for i in range(N)]
+        sender.close()
+        receiver.close()
+        await asyncio.sleep(0)
+        return len(rp.got), in_order
+
+    with fds_released():
+        run = run_on(LOOPS["tokioloop"], main, timeout=SHORT)
+    assert run.result == (N, True)
+
+
+def test_sendto_after_close() -> None:
+    """Dropped, with asyncio's warning after a few; no exception."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[bool, int]:
+        tr, p = await loop.create_datagram_endpoint(
+            lambda: Collect(loop), local_addr=("127.0.0.1", 0)
+        )
+        addr = tr.get_extra_info("sockname")
+        tr.close()
+        for _ in range(8):
+            tr.sendto(b"late", addr)
+        await asyncio.sleep(0)
+        return tr.is_closing(), len(p.got)
+
+    runs = on_both(main, timeout=SHORT)
+    assert runs["tokioloop"].result == runs["asyncio"].result == (True, 0)
+
+
+class Plain(asyncio.DatagramProtocol):
+    """Weak-referenceable (asyncio's protocol classes have __slots__)."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.set_result(exc)
+
+
+async def _closed_endpoint(loop: asyncio.AbstractEventLoop) -> tuple[Any, Any]:
+    tr, p = await loop.create_datagram_endpoint(Plain, local_addr=("127.0.0.1", 0))
+    tr.sendto(b"x", tr.get_extra_info("sockname"))
+    tr.close()
+    await p.lost
+    return weakref.ref(tr), weakref.ref(p)
+
+
+def _freed_after_close(factory: Any) -> tuple[bool, bool]:
+    loop = factory()
+    try:
+        wtr, wp = loop.run_until_complete(_closed_endpoint(loop))
+    finally:
+        loop.close()
+    del loop
+    gc.collect()
+    return wtr() is None, wp() is None
+
+
+def test_closed_datagram_transport_is_freed() -> None:
+    assert _freed_after_close(asyncio.SelectorEventLoop) == (True, True)
+    assert _freed_after_close(tokioloop.new_event_loop) == (True, True)
