@@ -95,6 +95,7 @@ struct Consts {
     want_read: Py<PyAny>,
     syscall_error: Py<PyAny>,
     ssl_error: Py<PyAny>,
+    zero_return: Py<PyAny>,
     certificate_error: Py<PyAny>,
     cancelled_error: Py<PyAny>,
     timeout_error: Py<PyAny>,
@@ -138,6 +139,7 @@ fn consts(py: Python<'_>) -> PyResult<&'static Consts> {
             want_read: ssl.getattr("SSLWantReadError")?.unbind(),
             syscall_error: ssl.getattr("SSLSyscallError")?.unbind(),
             ssl_error: ssl.getattr("SSLError")?.unbind(),
+            zero_return: ssl.getattr("SSLZeroReturnError")?.unbind(),
             certificate_error: ssl.getattr("CertificateError")?.unbind(),
             cancelled_error: py
                 .import("asyncio.exceptions")?
@@ -257,6 +259,8 @@ pub struct TlsProtocol {
     /// `ssl_read` is the C `_ssl._SSLSocket.read` (a plain SSLObject), which
     /// may be given a view of memory we own: it keeps no reference to it.
     raw_reads: bool,
+    /// start_tls(): see on_handshake_complete().
+    defer_first_read: bool,
     st: crate::event_loop::cell::GilCell<St>,
 }
 
@@ -373,8 +377,14 @@ impl TlsProtocol {
     }
 
     fn make_app(py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<App> {
-        let buffered = protocol.hasattr(pyo3::intern!(py, "get_buffer"))?
-            && protocol.is_instance(consts(py)?.buffered_protocol.bind(py))?;
+        let has_get_buffer = protocol.hasattr(pyo3::intern!(py, "get_buffer"))?;
+        // An asyncio.BufferedProtocol; or, as uvloop (and tokioloop's own
+        // transports), one with get_buffer()/buffer_updated() and no
+        // data_received(), on which asyncio would fail.
+        let buffered = has_get_buffer
+            && (protocol.is_instance(consts(py)?.buffered_protocol.bind(py))?
+                || (protocol.hasattr(pyo3::intern!(py, "buffer_updated"))?
+                    && !protocol.hasattr(pyo3::intern!(py, "data_received"))?));
         let get = |name: &Bound<'_, pyo3::types::PyString>| {
             protocol.getattr(name).ok().map(Bound::unbind)
         };
@@ -616,6 +626,16 @@ impl TlsProtocol {
             }
         }
         this.wakeup_waiter(py, None)?;
+        if this.defer_first_read {
+            // start_tls(): the application gets its new transport from the
+            // waiter; data that came with the end of the handshake is
+            // delivered after that (as uvloop does), not before the
+            // application can know where to answer it.
+            let again = slf.getattr(pyo3::intern!(py, "_do_read"))?;
+            this.lp(py)
+                .call_method1(pyo3::intern!(py, "call_soon"), (again,))?;
+            return Ok(());
+        }
         Self::do_read(slf)
     }
 
@@ -686,7 +706,13 @@ impl TlsProtocol {
         let r = if this.st.with(py, |s| s.eof_received) {
             Ok(())
         } else {
-            this.ssl_shutdown.bind(py).call0().map(|_| ())
+            // Application data still arriving after our close() is dropped
+            // (as uvloop does): OpenSSL 3 would fail the shutdown on it
+            // (APPLICATION_DATA_AFTER_CLOSE_NOTIFY).
+            match this.discard_app_data(py)? {
+                SslCall::Failed(e) => Err(e),
+                _ => this.ssl_shutdown.bind(py).call0().map(|_| ()),
+            }
         };
         match Self::classify(py, r)? {
             SslCall::Again => Self::process_outgoing(slf),
@@ -695,6 +721,31 @@ impl TlsProtocol {
                 Self::process_outgoing(slf)?;
                 Self::call_eof_received(slf)?;
                 Self::on_shutdown_complete(slf, None)
+            }
+        }
+    }
+
+    /// Read and drop whatever application data can be decrypted now.
+    fn discard_app_data(&self, py: Python<'_>) -> PyResult<SslCall<()>> {
+        let read = self.ssl_read.bind(py);
+        loop {
+            let n = self.readable(py)?;
+            if n == 0 {
+                return Ok(SslCall::Again);
+            }
+            match Self::classify(py, read.call1((n,)))? {
+                SslCall::Done(chunk) => {
+                    if !chunk.is_truthy()? {
+                        // close_notify: unwrap() completes now.
+                        return Ok(SslCall::Done(()));
+                    }
+                }
+                SslCall::Again => return Ok(SslCall::Again),
+                // close_notify after ours was sent.
+                SslCall::Failed(e) if e.is_instance(py, consts(py)?.zero_return.bind(py)) => {
+                    return Ok(SslCall::Done(()))
+                }
+                SslCall::Failed(e) => return Ok(SslCall::Failed(e)),
             }
         }
     }
@@ -1433,6 +1484,7 @@ impl TlsProtocol {
             ssl_do_handshake: target.getattr(pyo3::intern!(py, "do_handshake"))?.unbind(),
             ssl_shutdown: target.getattr(shutdown_name)?.unbind(),
             raw_reads: plain,
+            defer_first_read: !call_connection_made,
             read_buffer: read_buffer(py)?,
             sslobj: sslobj.unbind(),
             incoming: incoming.unbind(),
