@@ -261,6 +261,8 @@ pub struct TlsProtocol {
     raw_reads: bool,
     /// start_tls(): see on_handshake_complete().
     defer_first_read: bool,
+    /// Python 3.10: why the SSL object could not be made (see new()).
+    wrap_error: Option<Py<PyAny>>,
     st: crate::event_loop::cell::GilCell<St>,
 }
 
@@ -529,6 +531,9 @@ impl TlsProtocol {
     fn do_handshake(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
+        if let Some(e) = &this.wrap_error {
+            return Self::on_handshake_complete(slf, Some(e.bind(py).clone()));
+        }
         match Self::classify(py, this.ssl_do_handshake.bind(py).call0())? {
             SslCall::Again => Self::process_outgoing(slf),
             SslCall::Failed(e) => {
@@ -1458,14 +1463,33 @@ impl TlsProtocol {
         let kwargs = PyDict::new(py);
         kwargs.set_item("server_side", server_side)?;
         kwargs.set_item("server_hostname", &server_hostname)?;
-        let sslobj = sslcontext.call_method(
+        let wrapped = sslcontext.call_method(
             pyo3::intern!(py, "wrap_bio"),
             (&incoming, &outgoing),
             Some(&kwargs),
-        )?;
+        );
+        let (sslobj, wrap_error) = match wrapped {
+            Ok(o) => (o, None),
+            // Python 3.10's asyncio makes the SSL object only when the
+            // connection is made, and reports a failure to make it as a
+            // failed handshake: so does this layer there.
+            Err(e) if py.version_info() < (3, 11) && is_exception(py, &e) => (
+                py.None().into_bound(py),
+                Some(e.value(py).clone().into_any().unbind()),
+            ),
+            Err(e) => return Err(e),
+        };
         // A plain SSLObject only forwards to its `_ssl._SSLSocket`: call that
         // directly. A subclass may add behaviour: go through its methods.
-        let plain = sslobj.get_type().is(c.ssl_object.bind(py));
+        let plain = wrap_error.is_none() && sslobj.get_type().is(c.ssl_object.bind(py));
+        let method = |target: &Bound<'_, PyAny>, name: &str| -> PyResult<Py<PyAny>> {
+            if wrap_error.is_some() {
+                // Never called: the handshake fails first.
+                Ok(py.None())
+            } else {
+                Ok(target.getattr(name)?.unbind())
+            }
+        };
         let (target, shutdown_name) = if plain {
             (sslobj.getattr(pyo3::intern!(py, "_sslobj"))?, "shutdown")
         } else {
@@ -1478,11 +1502,12 @@ impl TlsProtocol {
             sslcontext: sslcontext.unbind(),
             incoming_write: incoming.getattr(pyo3::intern!(py, "write"))?.unbind(),
             outgoing_read: outgoing.getattr(pyo3::intern!(py, "read"))?.unbind(),
-            ssl_read: target.getattr(pyo3::intern!(py, "read"))?.unbind(),
-            ssl_write: target.getattr(pyo3::intern!(py, "write"))?.unbind(),
-            ssl_pending: target.getattr(pyo3::intern!(py, "pending"))?.unbind(),
-            ssl_do_handshake: target.getattr(pyo3::intern!(py, "do_handshake"))?.unbind(),
-            ssl_shutdown: target.getattr(shutdown_name)?.unbind(),
+            ssl_read: method(&target, "read")?,
+            ssl_write: method(&target, "write")?,
+            ssl_pending: method(&target, "pending")?,
+            ssl_do_handshake: method(&target, "do_handshake")?,
+            ssl_shutdown: method(&target, shutdown_name)?,
+            wrap_error,
             raw_reads: plain,
             defer_first_read: !call_connection_made,
             read_buffer: read_buffer(py)?,
@@ -2056,6 +2081,7 @@ impl TlsProtocol {
         visit.call(&self.ssl_do_handshake)?;
         visit.call(&self.ssl_shutdown)?;
         visit.call(&self.read_buffer)?;
+        visit.call(&self.wrap_error)?;
         if let Some(r) = self.st.try_with(|s| -> Result<(), PyTraverseError> {
             visit.call(&s.transport)?;
             visit.call(&s.transport_write)?;
