@@ -19,9 +19,10 @@ import selectors
 import socket
 import threading
 import weakref
-from asyncio import base_events, selector_events, sslproto, unix_events
+from asyncio import base_events, selector_events, unix_events
 from typing import Any
 
+from . import _tls
 from ._tokioloop import LoopCore
 from ._transports import (
     DatagramTransport,
@@ -87,7 +88,7 @@ class NetworkMixin:
     _create_server_getaddrinfo = _B._create_server_getaddrinfo
     connect_accepted_socket = _B.connect_accepted_socket
     create_datagram_endpoint = _B.create_datagram_endpoint
-    start_tls = _B.start_tls
+    start_tls = _tls.start_tls
     sendfile = _B.sendfile
     _sendfile_fallback = _B._sendfile_fallback
     _sendfile_native = _S._sendfile_native
@@ -175,20 +176,26 @@ class NetworkMixin:
         server_hostname: str | None = None,
         extra: dict[str, Any] | None = None,
         server: Any = None,
-        **timeouts: Any,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        call_connection_made: bool = True,
     ) -> asyncio.Transport:
+        # TLS is the native SSL protocol (tokioloop._tls) between the socket
+        # transport and the application's protocol.
         self._ensure_fd_no_transport(rawsock)
-        ssl_protocol = sslproto.SSLProtocol(
+        ssl_protocol = _tls.SSLProtocol(
             self,
             protocol,
             sslcontext,
             waiter,
             server_side,
             server_hostname,
-            **timeouts,
+            call_connection_made=call_connection_made,
+            ssl_handshake_timeout=ssl_handshake_timeout,
+            ssl_shutdown_timeout=ssl_shutdown_timeout,
         )
         SocketTransport(self, rawsock, ssl_protocol, extra=extra, server=server)
-        return ssl_protocol._app_transport
+        return ssl_protocol._app_transport  # type: ignore[no-any-return]
 
     def _make_datagram_transport(
         self,

@@ -9,6 +9,7 @@ use pyo3::PyTraverseError;
 
 pub(crate) mod datagram;
 pub(crate) mod stream;
+pub(crate) mod tls;
 
 /// Readiness kinds reported by the reactor.
 pub(crate) const READ: u8 = 0;
@@ -42,5 +43,6 @@ impl Source {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<stream::StreamCore>()?;
     m.add_class::<datagram::DatagramCore>()?;
+    m.add_class::<tls::TlsProtocol>()?;
     Ok(())
 }
