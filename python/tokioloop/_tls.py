@@ -141,6 +141,9 @@ class _SSLProtocolTransport(transports._FlowControlMixin, transports.Transport):
         """Close at once: buffered data is lost; connection_lost(None) follows."""
         self._ssl_protocol._abort(None)
 
+    def _copy_context(self) -> Any:
+        return self._ssl_protocol._copy_context()
+
     def _force_close(self, exc: BaseException | None) -> None:
         self._ssl_protocol._abort(exc)
 
@@ -217,7 +220,11 @@ async def start_tls(
     # reading while the protocol is swapped, start again right after.
     transport.pause_reading()  # type: ignore[attr-defined]
     transport.set_protocol(tls)
-    made = self.call_soon(tls.connection_made, transport)
+    # The TLS layer runs the application's callbacks in the context the
+    # transport runs its protocol's in (as uvloop), not start_tls()'s caller's.
+    copy_context = getattr(transport, "_copy_context", None)
+    context = copy_context() if copy_context is not None else None
+    made = self.call_soon(tls.connection_made, transport, context=context)
     resumed = self.call_soon(transport.resume_reading)  # type: ignore[attr-defined]
     try:
         await waiter

@@ -85,6 +85,10 @@ class _NativeStreamTransport:
     def _force_close(self, exc: BaseException | None) -> None:
         self._core._force_close(exc)
 
+    def _copy_context(self) -> Any:
+        # For start_tls(): a copy of the context the protocol's callbacks run in.
+        return self._core._copy_context()
+
     def _fatal_error(self, exc: BaseException, message: str = "Fatal error on transport") -> None:
         # As asyncio: OSErrors (resets, broken pipes) are logged in debug mode
         # only; anything else goes to the exception handler.

@@ -1377,6 +1377,17 @@ impl StreamCore {
         self.fd
     }
 
+    /// A copy of the context the protocol's callbacks run in (for
+    /// start_tls(), whose TLS layer runs the application's callbacks in
+    /// it; a copy, because this transport enters its own).
+    fn _copy_context(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(self
+            .ctx
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "copy"))?
+            .unbind())
+    }
+
     #[getter]
     fn _paused(&self, py: Python<'_>) -> bool {
         self.st.with(py, |s| s.paused)

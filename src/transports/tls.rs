@@ -224,6 +224,14 @@ struct St {
     handshake_start: Option<f64>,
     /// The incoming BIO is known to be empty (see incoming_pending()).
     incoming_empty: bool,
+    /// The connection's context: a copy of the one the lower transport
+    /// called connection_made() in. The application's callbacks run in it
+    /// whatever context the application's transport is called from (as
+    /// uvloop does), see in_app_context().
+    ctx: Option<Py<PyAny>>,
+    /// > 0 while a callback of the lower transport (which runs in its own
+    /// context, of the same values) or one of ours is running.
+    in_ctx: u32,
 }
 
 /// The native SSL protocol. Exposed as `tokioloop._tokioloop.SSLProtocolCore`;
@@ -314,6 +322,75 @@ fn pending(bio: &Bound<'_, PyAny>) -> PyResult<usize> {
 }
 
 impl TlsProtocol {
+    /// Run `f` in the connection's context: for the application transport's
+    /// methods, which may call the application's protocol synchronously
+    /// (write() -> pause_writing(), close() -> eof_received()) or schedule
+    /// its callbacks (resume_reading()), from any context.
+    fn in_app_context<R>(slf: &Bound<'_, Self>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+        let py = slf.py();
+        let this = slf.get();
+        let ctx = this.st.with(py, |s| {
+            if s.in_ctx > 0 {
+                None
+            } else {
+                s.ctx.as_ref().map(|c| c.clone_ref(py))
+            }
+        });
+        let Some(ctx) = ctx else {
+            return f();
+        };
+        // SAFETY: `ctx` is a live contextvars.Context we hold a reference
+        // to; Enter and Exit are paired below, with the GIL held.
+        if unsafe { ffi::PyContext_Enter(ctx.as_ptr()) } < 0 {
+            // Already entered: a callback of this connection that the loop
+            // runs in it is on the stack, so its values are current.
+            drop(PyErr::fetch(py));
+            return Self::in_lower_callback(slf, f);
+        }
+        let r = Self::in_lower_callback(slf, f);
+        // SAFETY: as above; the context entered just before.
+        if unsafe { ffi::PyContext_Exit(ctx.as_ptr()) } < 0 {
+            let e = PyErr::fetch(py);
+            return r.and(Err(e));
+        }
+        r
+    }
+
+    /// Mark that the connection's context (or the lower transport's, which
+    /// holds the same values) is current while `f` runs.
+    fn in_lower_callback<R>(slf: &Bound<'_, Self>, f: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+        let py = slf.py();
+        let this = slf.get();
+        this.st.with(py, |s| s.in_ctx += 1);
+        let r = f();
+        this.st.with(py, |s| s.in_ctx -= 1);
+        r
+    }
+
+    /// loop.call_soon(cb, *args) in the connection's context.
+    fn call_soon_in_ctx<'py>(
+        slf: &Bound<'py, Self>,
+        cb: Bound<'py, PyAny>,
+        args: &[Bound<'py, PyAny>],
+    ) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let mut items = Vec::with_capacity(args.len() + 1);
+        items.push(cb);
+        items.extend(args.iter().cloned());
+        let call = PyTuple::new(py, items)?;
+        let kwargs = PyDict::new(py);
+        if let Some(ctx) = this
+            .st
+            .with(py, |s| s.ctx.as_ref().map(|c| c.clone_ref(py)))
+        {
+            kwargs.set_item(pyo3::intern!(py, "context"), ctx)?;
+        }
+        this.lp(py)
+            .call_method(pyo3::intern!(py, "call_soon"), call, Some(&kwargs))?;
+        Ok(())
+    }
+
     fn lp<'py>(&self, py: Python<'py>) -> &Bound<'py, PyAny> {
         self.lp.bind(py)
     }
@@ -637,8 +714,7 @@ impl TlsProtocol {
             // delivered after that (as uvloop does), not before the
             // application can know where to answer it.
             let again = slf.getattr(pyo3::intern!(py, "_do_read"))?;
-            this.lp(py)
-                .call_method1(pyo3::intern!(py, "call_soon"), (again,))?;
+            Self::call_soon_in_ctx(slf, again, &[])?;
             return Ok(());
         }
         Self::do_read(slf)
@@ -700,7 +776,18 @@ impl TlsProtocol {
     }
 
     fn do_flush(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::do_read(slf)?;
+        // After the application's close(), what still arrives is dropped
+        // (as a plain transport stops reading at close(); uvloop does the
+        // same); a flush the peer's EOF started delivers it first.
+        // The write backlog still goes out first.
+        if slf.get().st.with(slf.py(), |s| s.app_closed) {
+            Self::guarded(slf, "Fatal error on SSL protocol", || {
+                Self::do_write(slf)?;
+                Self::control_ssl_reading(slf)
+            })?;
+        } else {
+            Self::do_read(slf)?;
+        }
         slf.get().set_state(slf.py(), SslState::Shutdown)?;
         Self::do_shutdown(slf)
     }
@@ -921,7 +1008,7 @@ impl TlsProtocol {
         let Some(app) = this.app_protocol(py) else {
             return Ok(());
         };
-        if let Err(e) = app.bind(py).call_method0(name) {
+        if let Err(e) = Self::in_app_context(slf, || app.bind(py).call_method0(name)) {
             if is_base_exit(py, &e) {
                 return Err(e);
             }
@@ -1166,8 +1253,7 @@ impl TlsProtocol {
                         // The application's buffer is full: come back for
                         // the rest on the next iteration.
                         let again = slf.getattr(pyo3::intern!(py, "_do_read"))?;
-                        this.lp(py)
-                            .call_method1(pyo3::intern!(py, "call_soon"), (again,))?;
+                        Self::call_soon_in_ctx(slf, again, &[])?;
                         break;
                     }
                 }
@@ -1549,6 +1635,8 @@ impl TlsProtocol {
                 shutdown_timeout_handle: None,
                 handshake_start: None,
                 incoming_empty: true,
+                ctx: None,
+                in_ctx: 0,
             }),
         })
     }
@@ -1584,53 +1672,63 @@ impl TlsProtocol {
             )
         });
         drop(old);
-        Self::start_handshake(slf)
+        // The lower transport calls this in its context: the connection's
+        // context is a copy of it (see St::ctx).
+        let ctx = crate::event_loop::handle::copy_context(py)?;
+        let old = slf.get().st.with(py, |s| s.ctx.replace(ctx));
+        drop(old);
+        Self::in_lower_callback(slf, || Self::start_handshake(slf))
     }
 
     fn connection_lost(slf: &Bound<'_, Self>, exc: Option<Bound<'_, PyAny>>) -> PyResult<()> {
-        let py = slf.py();
-        let this = slf.get();
-        let backlog = this.st.with(py, |s| std::mem::take(&mut s.backlog));
-        drop(backlog);
-        this.outgoing_read.bind(py).call0()?;
-        let lost_cb = this.st.with(py, |s| {
-            s.conn_lost += 1;
-            if s.app_transport.is_some() {
-                s.app_closed = true;
+        Self::in_lower_callback(slf, || {
+            let py = slf.py();
+            let this = slf.get();
+            let backlog = this.st.with(py, |s| std::mem::take(&mut s.backlog));
+            drop(backlog);
+            this.outgoing_read.bind(py).call0()?;
+            let lost_cb = this.st.with(py, |s| {
+                s.conn_lost += 1;
+                if s.app_transport.is_some() {
+                    s.app_closed = true;
+                }
+                if s.state != SslState::DoHandshake
+                    && matches!(s.app_state, AppState::ConMade | AppState::Eof)
+                {
+                    s.app_state = AppState::ConLost;
+                    s.app.as_ref().map(|a| a.protocol.clone_ref(py))
+                } else {
+                    None
+                }
+            });
+            if let Some(app) = lost_cb {
+                let cb = app.bind(py).getattr(pyo3::intern!(py, "connection_lost"))?;
+                let arg = match &exc {
+                    Some(e) => e.clone(),
+                    None => py.None().into_bound(py),
+                };
+                Self::call_soon_in_ctx(slf, cb, &[arg])?;
             }
-            if s.state != SslState::DoHandshake
-                && matches!(s.app_state, AppState::ConMade | AppState::Eof)
-            {
-                s.app_state = AppState::ConLost;
-                s.app.as_ref().map(|a| a.protocol.clone_ref(py))
-            } else {
-                None
-            }
-        });
-        if let Some(app) = lost_cb {
-            let cb = app.bind(py).getattr(pyo3::intern!(py, "connection_lost"))?;
-            this.lp(py)
-                .call_method1(pyo3::intern!(py, "call_soon"), (cb, &exc))?;
-        }
-        this.set_state(py, SslState::Unwrapped)?;
-        let old = this.st.with(py, |s| {
-            (
-                s.transport.take(),
-                s.transport_write.take(),
-                s.app_transport.take(),
-                s.app.take(),
-            )
-        });
-        drop(old);
-        this.wakeup_waiter(py, exc.as_ref())?;
-        let (h1, h2) = this.st.with(py, |s| {
-            (
-                s.shutdown_timeout_handle.take(),
-                s.handshake_timeout_handle.take(),
-            )
-        });
-        Self::cancel_handle(py, h1)?;
-        Self::cancel_handle(py, h2)
+            this.set_state(py, SslState::Unwrapped)?;
+            let old = this.st.with(py, |s| {
+                (
+                    s.transport.take(),
+                    s.transport_write.take(),
+                    s.app_transport.take(),
+                    s.app.take(),
+                )
+            });
+            drop(old);
+            this.wakeup_waiter(py, exc.as_ref())?;
+            let (h1, h2) = this.st.with(py, |s| {
+                (
+                    s.shutdown_timeout_handle.take(),
+                    s.handshake_timeout_handle.take(),
+                )
+            });
+            Self::cancel_handle(py, h1)?;
+            Self::cancel_handle(py, h2)
+        })
     }
 
     #[pyo3(signature = (n=-1))]
@@ -1640,74 +1738,78 @@ impl TlsProtocol {
     }
 
     fn buffer_updated(slf: &Bound<'_, Self>, nbytes: usize) -> PyResult<()> {
-        let py = slf.py();
-        let this = slf.get();
-        let data = this.read_buffer.bind(py).get_item(PySlice::new(
-            py,
-            0,
-            nbytes.min(MAX_SIZE) as isize,
-            1,
-        ))?;
-        this.st.with(py, |s| s.incoming_empty = false);
-        this.incoming_write.bind(py).call1((data,))?;
-        match this.state(py) {
-            SslState::DoHandshake => Self::do_handshake(slf),
-            SslState::Wrapped => Self::do_read(slf),
-            SslState::Flushing => Self::do_flush(slf),
-            SslState::Shutdown => Self::do_shutdown(slf),
-            SslState::Unwrapped => Ok(()),
-        }
+        Self::in_lower_callback(slf, || {
+            let py = slf.py();
+            let this = slf.get();
+            let data = this.read_buffer.bind(py).get_item(PySlice::new(
+                py,
+                0,
+                nbytes.min(MAX_SIZE) as isize,
+                1,
+            ))?;
+            this.st.with(py, |s| s.incoming_empty = false);
+            this.incoming_write.bind(py).call1((data,))?;
+            match this.state(py) {
+                SslState::DoHandshake => Self::do_handshake(slf),
+                SslState::Wrapped => Self::do_read(slf),
+                SslState::Flushing => Self::do_flush(slf),
+                SslState::Shutdown => Self::do_shutdown(slf),
+                SslState::Unwrapped => Ok(()),
+            }
+        })
     }
 
     fn eof_received(slf: &Bound<'_, Self>) -> PyResult<Option<bool>> {
-        let py = slf.py();
-        let this = slf.get();
-        this.st.with(py, |s| s.eof_received = true);
-        let r = (|| -> PyResult<Option<bool>> {
-            if this.debug(py) {
-                this.log(
-                    py,
-                    "debug",
-                    PyTuple::new(
+        Self::in_lower_callback(slf, || {
+            let py = slf.py();
+            let this = slf.get();
+            this.st.with(py, |s| s.eof_received = true);
+            let r = (|| -> PyResult<Option<bool>> {
+                if this.debug(py) {
+                    this.log(
                         py,
-                        [
-                            "%r received EOF".into_pyobject(py)?.into_any(),
-                            slf.clone().into_any(),
-                        ],
-                    )?,
-                )?;
-            }
-            match this.state(py) {
-                SslState::DoHandshake => {
-                    let exc = py.get_type::<PyConnectionResetError>().into_any();
-                    Self::on_handshake_complete(slf, Some(exc))?;
+                        "debug",
+                        PyTuple::new(
+                            py,
+                            [
+                                "%r received EOF".into_pyobject(py)?.into_any(),
+                                slf.clone().into_any(),
+                            ],
+                        )?,
+                    )?;
                 }
-                SslState::Wrapped => {
-                    this.set_state(py, SslState::Flushing)?;
-                    if this.st.with(py, |s| s.app_reading_paused) {
-                        return Ok(Some(true));
+                match this.state(py) {
+                    SslState::DoHandshake => {
+                        let exc = py.get_type::<PyConnectionResetError>().into_any();
+                        Self::on_handshake_complete(slf, Some(exc))?;
                     }
-                    Self::do_flush(slf)?;
+                    SslState::Wrapped => {
+                        this.set_state(py, SslState::Flushing)?;
+                        if this.st.with(py, |s| s.app_reading_paused) {
+                            return Ok(Some(true));
+                        }
+                        Self::do_flush(slf)?;
+                    }
+                    SslState::Flushing => {
+                        Self::do_write(slf)?;
+                        this.set_state(py, SslState::Shutdown)?;
+                        Self::do_shutdown(slf)?;
+                    }
+                    SslState::Shutdown => Self::do_shutdown(slf)?,
+                    SslState::Unwrapped => {}
                 }
-                SslState::Flushing => {
-                    Self::do_write(slf)?;
-                    this.set_state(py, SslState::Shutdown)?;
-                    Self::do_shutdown(slf)?;
+                Ok(None)
+            })();
+            match r {
+                Err(e) if is_exception(py, &e) => {
+                    if let Some(t) = this.transport(py) {
+                        t.bind(py).call_method0(pyo3::intern!(py, "close"))?;
+                    }
+                    Err(e)
                 }
-                SslState::Shutdown => Self::do_shutdown(slf)?,
-                SslState::Unwrapped => {}
+                r => r,
             }
-            Ok(None)
-        })();
-        match r {
-            Err(e) if is_exception(py, &e) => {
-                if let Some(t) = this.transport(py) {
-                    t.bind(py).call_method0(pyo3::intern!(py, "close"))?;
-                }
-                Err(e)
-            }
-            r => r,
-        }
+        })
     }
 
     /// The lower transport's buffer went over its high-water mark.
@@ -1723,15 +1825,17 @@ impl TlsProtocol {
 
     /// The lower transport's buffer drained below its low-water mark.
     fn resume_writing(slf: &Bound<'_, Self>) -> PyResult<()> {
-        let py = slf.py();
-        let was = slf
-            .get()
-            .st
-            .with(py, |s| std::mem::replace(&mut s.ssl_writing_paused, false));
-        if !was {
-            return Err(PyAssertionError::new_err(()));
-        }
-        Self::process_outgoing(slf)
+        Self::in_lower_callback(slf, || {
+            let py = slf.py();
+            let was = slf
+                .get()
+                .st
+                .with(py, |s| std::mem::replace(&mut s.ssl_writing_paused, false));
+            if !was {
+                return Err(PyAssertionError::new_err(()));
+            }
+            Self::process_outgoing(slf)
+        })
     }
 
     // ---- callbacks the loop runs ----------------------------------------------
@@ -1767,7 +1871,8 @@ impl TlsProtocol {
     }
 
     fn _do_read(slf: &Bound<'_, Self>) -> PyResult<()> {
-        Self::do_read(slf)
+        // Scheduled in the connection's context.
+        Self::in_lower_callback(slf, || Self::do_read(slf))
     }
 
     fn _start_shutdown(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -1776,12 +1881,13 @@ impl TlsProtocol {
 
     /// Scheduled by resume_reading(): pick up where reading stopped.
     fn _resume_app_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
-        match slf.get().state(slf.py()) {
+        // Scheduled in the connection's context.
+        Self::in_lower_callback(slf, || match slf.get().state(slf.py()) {
             SslState::Wrapped => Self::do_read(slf),
             SslState::Flushing => Self::do_flush(slf),
             SslState::Shutdown => Self::do_shutdown(slf),
             _ => Ok(()),
-        }
+        })
     }
 
     // ---- the application transport ------------------------------------------------
@@ -1830,7 +1936,7 @@ impl TlsProtocol {
             .st
             .with(slf.py(), |s| !std::mem::replace(&mut s.app_closed, true));
         if first {
-            Self::start_shutdown(slf)?;
+            Self::in_app_context(slf, || Self::start_shutdown(slf))?;
         }
         Ok(first)
     }
@@ -1839,7 +1945,9 @@ impl TlsProtocol {
     #[pyo3(signature = (exc=None))]
     fn _abort(slf: &Bound<'_, Self>, exc: Option<Bound<'_, PyAny>>) -> PyResult<()> {
         slf.get().st.with(slf.py(), |s| s.app_closed = true);
-        Self::abort(slf, exc.as_ref().filter(|e| !e.is_none()))
+        Self::in_app_context(slf, || {
+            Self::abort(slf, exc.as_ref().filter(|e| !e.is_none()))
+        })
     }
 
     fn _app_is_reading(&self, py: Python<'_>) -> bool {
@@ -1858,11 +1966,23 @@ impl TlsProtocol {
             .with(py, |s| std::mem::replace(&mut s.app_reading_paused, false));
         if was {
             let cb = slf.getattr(pyo3::intern!(py, "_resume_app_reading"))?;
-            slf.get()
-                .lp(py)
-                .call_method1(pyo3::intern!(py, "call_soon"), (cb,))?;
+            Self::call_soon_in_ctx(slf, cb, &[])?;
         }
         Ok(())
+    }
+
+    /// A copy of the connection's context (None before connection_made()):
+    /// for start_tls() over this transport.
+    fn _copy_context(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        match self
+            .st
+            .with(py, |s| s.ctx.as_ref().map(|c| c.clone_ref(py)))
+        {
+            Some(c) => Ok(Some(
+                c.bind(py).call_method0(pyo3::intern!(py, "copy"))?.unbind(),
+            )),
+            None => Ok(None),
+        }
     }
 
     fn _get_write_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
@@ -1887,7 +2007,7 @@ impl TlsProtocol {
             s.outgoing_low = lo;
         });
         let out = pending(slf.get().outgoing.bind(py))?;
-        Self::control_app_writing(slf, out)
+        Self::in_app_context(slf, || Self::control_app_writing(slf, out))
     }
 
     fn _get_read_buffer_size(&self, py: Python<'_>) -> PyResult<usize> {
@@ -1916,15 +2036,21 @@ impl TlsProtocol {
 
     #[pyo3(signature = (name, default=None))]
     fn _get_extra_info(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         name: &Bound<'_, PyAny>,
         default: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        if let Some(v) = self.extra.bind(py).get_item(name)? {
+        let py = slf.py();
+        let this = slf.get();
+        if let Some(v) = this.extra.bind(py).get_item(name)? {
             return Ok(v.unbind());
         }
-        match self.transport(py) {
+        // uvloop's key for its SSL protocol object: code written for uvloop
+        // reaches the protocol (its flow-control interface) through it.
+        if name.eq(pyo3::intern!(py, "uvloop.sslproto"))? {
+            return Ok(slf.clone().into_any().unbind());
+        }
+        match this.transport(py) {
             Some(t) => Ok(t
                 .bind(py)
                 .call_method1(pyo3::intern!(py, "get_extra_info"), (name, default))?
@@ -2098,6 +2224,7 @@ impl TlsProtocol {
             }
             visit.call(&s.handshake_timeout_handle)?;
             visit.call(&s.shutdown_timeout_handle)?;
+            visit.call(&s.ctx)?;
             Ok(())
         }) {
             r?;
@@ -2116,6 +2243,7 @@ impl TlsProtocol {
                 std::mem::take(&mut s.backlog),
                 s.handshake_timeout_handle.take(),
                 s.shutdown_timeout_handle.take(),
+                s.ctx.take(),
             )
         });
         drop(old);
