@@ -594,7 +594,15 @@ impl LoopCore {
         };
         if fast {
             rs.garbage.release(py);
-            return Self::run_batch(slf, rs);
+            Self::run_batch(slf, rs)?;
+            if this.stopping.load(Ordering::Relaxed) {
+                // stop() was called in an iteration that did not poll: what
+                // I/O is ready now still runs in it, as in asyncio, whose
+                // iterations all poll (a server's last bytes and EOF are read
+                // before run_until_complete() returns).
+                Self::run_ready_io(slf, rs)?;
+            }
+            return Ok(());
         }
         let garbage = &mut rs.garbage;
         let (busy, next_when, has_fds, has_timers) = this.with_state(py, |st| {
@@ -674,6 +682,49 @@ impl LoopCore {
         });
         rs.events.clear();
         garbage.release(py);
+        Self::run_batch(slf, rs)
+    }
+
+    /// Poll I/O without blocking and run the callbacks of what is ready
+    /// (only those: what the iteration's callbacks scheduled stays queued).
+    fn run_ready_io(slf: &Bound<'_, Self>, rs: &mut RunState) -> PyResult<()> {
+        let py = slf.py();
+        let this = slf.get();
+        let has_fds = this.with_state(py, |st| !st.selector.is_empty());
+        if !has_fds && !this.driver.has_sources() {
+            return Ok(());
+        }
+        let events = &mut rs.events;
+        py.detach(|| this.driver.wait(Some(Duration::ZERO), has_fds, events));
+        let epfd = if rs.events.is_empty() {
+            None
+        } else {
+            this.driver.epfd()
+        };
+        let tokens = &mut rs.tokens;
+        this.driver.ready.take(tokens);
+        let mut woken: Vec<Job> = Vec::new();
+        if !tokens.is_empty() {
+            this.sources.with(py, |m| {
+                for (token, kind) in tokens.drain(..) {
+                    if let Some(src) = m.get(&token) {
+                        woken.push(Job::Source(src.clone_ref(py), kind));
+                    }
+                }
+            });
+        }
+        let batch = &mut rs.batch;
+        let garbage = &mut rs.garbage;
+        let events = &rs.events;
+        this.with_state(py, |st| {
+            if let Some(epfd) = epfd {
+                st.selector
+                    .dispatch(py, epfd, events, batch, &mut garbage.watchers);
+            }
+        });
+        batch.extend(woken);
+        rs.events.clear();
+        rs.garbage.release(py);
         Self::run_batch(slf, rs)
     }
 
