@@ -902,6 +902,7 @@ impl LoopCore {
     #[new]
     #[pyo3(signature = (*_args, **_kwargs))]
     fn new(_args: &Bound<'_, PyTuple>, _kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        super::malloc::tune_once();
         let driver = Driver::new().map_err(|e| {
             PyOSError::new_err((
                 e.raw_os_error().unwrap_or(0),

@@ -9,6 +9,7 @@ mod fastcall;
 pub(crate) mod handle;
 pub(crate) mod io;
 pub(crate) mod job;
+mod malloc;
 pub(crate) mod oserror;
 mod pyobjs;
 pub(crate) mod selector;

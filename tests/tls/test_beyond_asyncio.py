@@ -241,9 +241,7 @@ def test_callbacks_run_in_the_connection_context(
         server = await loop.create_server(Sink, "127.0.0.1", 0, ssl=server_context())
         port = server.sockets[0].getsockname()[1]
         CVAR.set("connect")
-        tr, proto = await loop.create_connection(
-            Recorder, "127.0.0.1", port, ssl=client_context()
-        )
+        tr, proto = await loop.create_connection(Recorder, "127.0.0.1", port, ssl=client_context())
 
         async def fill() -> None:
             CVAR.set("writer")
