@@ -6,7 +6,7 @@
 //! the top of the heap returns the memory to the kernel once more than 128
 //! KiB is free there (`M_TRIM_THRESHOLD`), and the next allocation takes it
 //! back, page fault by page fault: on the streams echo benchmark that was
-//! thousands of `brk` calls a second and 35-45% of the server's CPU time at
+//! thousands of `brk` calls a second and 20-45% of the server's CPU time at
 //! 10-100 KiB messages. glibc raises both thresholds by itself the first
 //! time the process frees a large `mmap`ed block (its "dynamic threshold"),
 //! which uvloop and rloop happen to do early; a process running tokioloop

@@ -229,8 +229,8 @@ struct St {
     /// whatever context the application's transport is called from (as
     /// uvloop does), see in_app_context().
     ctx: Option<Py<PyAny>>,
-    /// > 0 while a callback of the lower transport (which runs in its own
-    /// context, of the same values) or one of ours is running.
+    /// Non-zero while a callback of the lower transport (which runs in its
+    /// own context, of the same values) or one of ours is running.
     in_ctx: u32,
 }
 
