@@ -1,9 +1,11 @@
 """The first loop tunes glibc's malloc so that per-request buffers are not
 handed back to the kernel and faulted in again on every request (see
-src/loop/malloc.rs). Measured by minor page faults in a fresh interpreter."""
+src/loop/malloc.rs): a buffer below 1 MiB then comes from the heap, not
+from a fresh mmap. Checked in a fresh interpreter with mallinfo2()."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -11,31 +13,42 @@ import sys
 
 import pytest
 
+
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(None), "mallinfo2")
+    except OSError:
+        return False
+
+
 pytestmark = pytest.mark.skipif(
-    platform.libc_ver()[0] != "glibc", reason="the tuning applies to glibc only"
+    platform.libc_ver()[0] != "glibc" or not _has_mallinfo2(),
+    reason="the tuning applies to glibc; mallinfo2() is glibc 2.33+",
 )
 
 CHILD = r"""
-import resource, tokioloop
+import ctypes, tokioloop
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 loop = tokioloop.new_event_loop()
-def churn():
-    for _ in range(300):
-        # Buffers below glibc's default mmap threshold (128 KiB), as a
-        # stream's reads: they come from the top of the heap, and freeing
-        # them leaves more than 128 KiB free there.
-        bufs = [bytearray(100 * 1024) for _ in range(4)]
-        for b in bufs:
-            b[::4096] = b"x" * len(b[::4096])  # touched, as a read would
-        del bufs, b
-churn()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-churn()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+before = libc.mallinfo2().hblks
+p = libc.malloc(900 * 1024)   # a large read buffer
+print(libc.mallinfo2().hblks - before)   # 1: a fresh mmap; 0: from the heap
+libc.free(p)
 loop.close()
 """
 
 
-def faults(**env: str) -> int:
+def mmapped(**env: str) -> int:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     e.pop("TOKIOLOOP_MALLOC_TUNING", None)
     e.update(env)
@@ -45,13 +58,14 @@ def faults(**env: str) -> int:
     return int(out.stdout.strip())
 
 
-def test_buffers_are_not_faulted_in_again_per_use() -> None:
-    tuned = faults()
-    untuned = faults(TOKIOLOOP_MALLOC_TUNING="0")
-    # Untuned, the heap top is trimmed after each round and faulted in again.
-    assert untuned > 300 * 20, untuned
-    assert tuned < untuned / 20, (tuned, untuned)
+def test_buffers_below_1_mib_come_from_the_heap() -> None:
+    assert mmapped() == 0
+
+
+def test_opting_out_leaves_glibc_alone() -> None:
+    assert mmapped(TOKIOLOOP_MALLOC_TUNING="0") == 1
 
 
 def test_user_tuning_is_left_alone() -> None:
-    assert faults(MALLOC_MMAP_THRESHOLD_="131072") > 300 * 20
+    assert mmapped(MALLOC_MMAP_THRESHOLD_="131072") == 1
+    assert mmapped(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=131072") == 1
