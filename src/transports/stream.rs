@@ -577,6 +577,19 @@ impl StreamCore {
             }
             return Self::schedule_connection_lost(slf, None);
         }
+        // A duck-typed buffered protocol (asyncio.BaseProtocol plus
+        // get_buffer/buffer_updated) may have no eof_received(): as if it
+        // returned None.
+        let missing = this.st.with(py, |s| {
+            s.cb.as_ref()
+                .filter(|c| c.buffered)
+                .map(|c| c.protocol.clone_ref(py))
+        });
+        if let Some(p) = missing {
+            if !p.bind(py).hasattr(pyo3::intern!(py, "eof_received"))? {
+                return Self::do_close(slf);
+            }
+        }
         let keep_open = match this.call_protocol0(py, "eof_received") {
             Ok(r) => r.map(|v| v.is_truthy()).transpose()?.unwrap_or(false),
             Err(e) => {

@@ -1277,18 +1277,25 @@ impl TlsProtocol {
         let app = this.st.with(py, |s| {
             if s.app_state == AppState::ConMade {
                 s.app_state = AppState::Eof;
-                s.app.as_ref().map(|a| a.protocol.clone_ref(py))
+                s.app
+                    .as_ref()
+                    .map(|a| (a.protocol.clone_ref(py), a.buffered))
             } else {
                 None
             }
         });
-        let Some(app) = app else {
+        let Some((app, buffered)) = app else {
             return Ok(());
         };
+        let app = app.bind(py);
+        // A duck-typed buffered protocol (asyncio.BaseProtocol plus
+        // get_buffer/buffer_updated) may have no eof_received(): as if it
+        // returned None.
+        if buffered && !app.hasattr(pyo3::intern!(py, "eof_received"))? {
+            return Ok(());
+        }
         let r = (|| -> PyResult<()> {
-            let keep_open = app
-                .bind(py)
-                .call_method0(pyo3::intern!(py, "eof_received"))?;
+            let keep_open = app.call_method0(pyo3::intern!(py, "eof_received"))?;
             if keep_open.is_truthy()? {
                 this.log(
                     py,
