@@ -25,22 +25,10 @@ def _uvloop_factory() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _tokioloop_factory() -> asyncio.AbstractEventLoop:
-    factory: LoopFactory = tokioloop.new_event_loop  # type: ignore[attr-defined]
-    return factory()
-
-
 LOOPS = [
     pytest.param(asyncio.new_event_loop, id="asyncio"),
     pytest.param(_uvloop_factory, id="uvloop"),
-    pytest.param(
-        _tokioloop_factory,
-        id="tokioloop",
-        marks=pytest.mark.skipif(
-            not hasattr(tokioloop, "new_event_loop"),
-            reason="tokioloop's event loop is not merged into this branch yet",
-        ),
-    ),
+    pytest.param(tokioloop.new_event_loop, id="tokioloop"),
 ]
 
 
