@@ -653,18 +653,7 @@ impl LoopCore {
         };
         let batch = &mut rs.batch;
         let events = &rs.events;
-        let tokens = &mut rs.tokens;
-        this.driver.ready.take(tokens);
-        let mut woken: Vec<Job> = Vec::new();
-        if !tokens.is_empty() {
-            this.sources.with(py, |m| {
-                for (token, kind) in tokens.drain(..) {
-                    if let Some(src) = m.get(&token) {
-                        woken.push(Job::Source(src.clone_ref(py), kind));
-                    }
-                }
-            });
-        }
+        let woken = this.woken_sources(py, &mut rs.tokens);
         this.with_state(py, |st| {
             let State {
                 ready,
@@ -685,6 +674,23 @@ impl LoopCore {
         Self::run_batch(slf, rs)
     }
 
+    /// Jobs for the native sources (signals, child pidfds, ...) the reactor
+    /// found ready.
+    fn woken_sources(&self, py: Python<'_>, tokens: &mut Vec<(u64, u8)>) -> Vec<Job> {
+        self.driver.ready.take(tokens);
+        let mut woken: Vec<Job> = Vec::new();
+        if !tokens.is_empty() {
+            self.sources.with(py, |m| {
+                for (token, kind) in tokens.drain(..) {
+                    if let Some(src) = m.get(&token) {
+                        woken.push(Job::Source(src.clone_ref(py), kind));
+                    }
+                }
+            });
+        }
+        woken
+    }
+
     /// Poll I/O without blocking and run the callbacks of what is ready
     /// (only those: what the iteration's callbacks scheduled stays queued).
     fn run_ready_io(slf: &Bound<'_, Self>, rs: &mut RunState) -> PyResult<()> {
@@ -701,18 +707,7 @@ impl LoopCore {
         } else {
             this.driver.epfd()
         };
-        let tokens = &mut rs.tokens;
-        this.driver.ready.take(tokens);
-        let mut woken: Vec<Job> = Vec::new();
-        if !tokens.is_empty() {
-            this.sources.with(py, |m| {
-                for (token, kind) in tokens.drain(..) {
-                    if let Some(src) = m.get(&token) {
-                        woken.push(Job::Source(src.clone_ref(py), kind));
-                    }
-                }
-            });
-        }
+        let woken = this.woken_sources(py, &mut rs.tokens);
         let batch = &mut rs.batch;
         let garbage = &mut rs.garbage;
         let events = &rs.events;
