@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -118,7 +122,7 @@ async def create_connection_tls_handshake(
     loop: asyncio.AbstractEventLoop, stack: AsyncExitStack
 ) -> Any:
     host, port = await stack.enter_async_context(silent_server(loop))
-    ctx = __import__("ssl").create_default_context()
+    ctx = ssl.create_default_context()
     return await loop.create_connection(asyncio.Protocol, host, port, ssl=ctx)
 
 
@@ -153,14 +157,12 @@ async def start_tls(loop: asyncio.AbstractEventLoop, stack: AsyncExitStack) -> A
     host, port = await stack.enter_async_context(silent_server(loop))
     tr, proto = await loop.create_connection(asyncio.Protocol, host, port)
     stack.callback(tr.close)
-    ctx = __import__("ssl").create_default_context()
+    ctx = ssl.create_default_context()
     return await loop.start_tls(tr, proto, ctx, server_hostname="localhost")
 
 
 @case
 async def sendfile(loop: asyncio.AbstractEventLoop, stack: AsyncExitStack) -> Any:
-    import tempfile
-
     f = tempfile.TemporaryFile()
     stack.callback(f.close)
     f.write(b"f" * (4 << 20))
@@ -179,8 +181,6 @@ async def getaddrinfo(loop: asyncio.AbstractEventLoop, stack: AsyncExitStack) ->
 
 @case
 async def run_in_executor(loop: asyncio.AbstractEventLoop, stack: AsyncExitStack) -> Any:
-    import time
-
     return await loop.run_in_executor(None, time.sleep, 0.3)
 
 
@@ -244,8 +244,6 @@ async def server_serve_forever(loop: asyncio.AbstractEventLoop, stack: AsyncExit
 
 @case
 async def connect_read_pipe(loop: asyncio.AbstractEventLoop, stack: AsyncExitStack) -> Any:
-    import os
-
     r, w = os.pipe()
     stack.callback(os.close, w)
     reader = asyncio.StreamReader()
