@@ -51,6 +51,11 @@ pub(crate) struct RunState {
     last_poll_coarse: i64,
     garbage: Garbage,
     tokens: Vec<(u64, u8)>,
+    /// Whether the next wait spins before sleeping: the last wait ended
+    /// within the spin limit (the loop's peer answers fast enough for a
+    /// spin to catch it). A wait that outlasts the limit turns it off, a
+    /// short sleep turns it back on.
+    spin_ok: bool,
 }
 
 impl RunState {
@@ -62,6 +67,7 @@ impl RunState {
             last_poll_coarse: 0,
             garbage: Garbage::default(),
             tokens: Vec::new(),
+            spin_ok: true,
         }
     }
 }
@@ -160,6 +166,27 @@ pub struct LoopCore {
     sources: GilCell<HashMap<u64, Source>>,
     /// One receive buffer for all transports of the loop.
     read_buf: GilCell<Vec<u8>>,
+    /// How long a wait may poll before it sleeps (see Driver::wait);
+    /// TOKIOLOOP_SPIN_US, default DEFAULT_SPIN_US.
+    spin: Duration,
+}
+
+/// Default of TOKIOLOOP_SPIN_US.
+const DEFAULT_SPIN_US: u64 = 50;
+/// Largest TOKIOLOOP_SPIN_US taken (larger values are clamped).
+const MAX_SPIN_US: u64 = 1000;
+
+/// The spin limit from the environment (read once per process).
+fn spin_limit() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("TOKIOLOOP_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(DEFAULT_SPIN_US)
+            .min(MAX_SPIN_US);
+        Duration::from_micros(us)
+    })
 }
 
 fn current_thread_ident() -> u64 {
@@ -628,7 +655,15 @@ impl LoopCore {
         };
         if has_fds || !busy || this.driver.has_sources() {
             let events = &mut rs.events;
-            py.detach(|| this.driver.wait(timeout, has_fds, events));
+            if busy {
+                py.detach(|| this.driver.wait(timeout, Duration::ZERO, has_fds, events));
+            } else {
+                let limit = this.spin;
+                let spin = if rs.spin_ok { limit } else { Duration::ZERO };
+                let start = std::time::Instant::now();
+                py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
+                rs.spin_ok = !limit.is_zero() && start.elapsed() <= limit;
+            }
         }
         rs.busy_iterations = 0;
         rs.last_poll_coarse = clock::coarse_ns();
@@ -701,7 +736,10 @@ impl LoopCore {
             return Ok(());
         }
         let events = &mut rs.events;
-        py.detach(|| this.driver.wait(Some(Duration::ZERO), has_fds, events));
+        py.detach(|| {
+            this.driver
+                .wait(Some(Duration::ZERO), Duration::ZERO, has_fds, events)
+        });
         let epfd = if rs.events.is_empty() {
             None
         } else {
@@ -924,6 +962,7 @@ impl LoopCore {
             next_token: AtomicU64::new(1),
             sources: GilCell::new(HashMap::new()),
             read_buf: GilCell::new(Vec::new()),
+            spin: spin_limit(),
         })
     }
 

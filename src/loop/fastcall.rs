@@ -64,6 +64,14 @@ unsafe fn parse<'py>(
     for i in 0..nkw {
         // SAFETY: items of the kwnames tuple are str; values follow the positionals.
         let key = unsafe { Bound::from_borrowed_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as _)) };
+        // Callers that pass the interned name (asyncio's C tasks and
+        // futures, any Python call site with `context=`) match by identity;
+        // anything else is compared by value.
+        let interned = pyo3::intern!(py, "context");
+        if key.is(interned) {
+            context = Some(unsafe { Bound::from_borrowed_ptr(py, all[nargs + i]) });
+            continue;
+        }
         let key = key.cast_into::<PyString>()?;
         if key.to_str()? == "context" {
             context = Some(unsafe { Bound::from_borrowed_ptr(py, all[nargs + i]) });

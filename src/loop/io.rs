@@ -11,10 +11,10 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Poll, Wake, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::Runtime;
@@ -44,6 +44,8 @@ pub(crate) struct Driver {
     /// How many fds are registered with Tokio (zero-timeout polls must run
     /// the reactor only if there are any).
     sources: Arc<AtomicUsize>,
+    /// Shared with `ready`: a wake-up happened (see ReadyTokens::woken).
+    woken: Arc<AtomicBool>,
 }
 
 /// Readiness of transports' fds, as reported by Tokio's reactor through
@@ -51,6 +53,9 @@ pub(crate) struct Driver {
 pub(crate) struct ReadyTokens {
     list: Mutex<Vec<(u64, u8)>>,
     notify: Arc<Notify>,
+    /// Set by every wake-up (this list, call_soon_threadsafe & co.), read
+    /// by a spinning `wait` that does not sleep on `notify`.
+    woken: Arc<AtomicBool>,
 }
 
 impl ReadyTokens {
@@ -68,6 +73,7 @@ impl ReadyTokens {
         if was_empty {
             // Wakes a loop blocked in `wait`; later events of the same
             // reactor turn find the list non-empty and need no wake-up.
+            self.woken.store(true, Ordering::Release);
             self.notify.notify_one();
         }
     }
@@ -163,15 +169,18 @@ impl Driver {
             .map_err(|e| e.into_parts().1)?
         };
         let notify = Arc::new(Notify::new());
+        let woken = Arc::new(AtomicBool::new(false));
         Ok(Driver {
             io: RwLock::new(Some(Io { afd, rt })),
             epfd: raw,
             ready: Arc::new(ReadyTokens {
                 list: Mutex::new(Vec::new()),
                 notify: notify.clone(),
+                woken: woken.clone(),
             }),
             notify,
             sources: Arc::new(AtomicUsize::new(0)),
+            woken,
         })
     }
 
@@ -224,6 +233,7 @@ impl Driver {
     }
 
     pub(crate) fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
         self.notify.notify_one();
     }
 
@@ -244,25 +254,40 @@ impl Driver {
 
     /// Wait for I/O readiness, a wake-up or the timeout, whichever is
     /// first, and collect the ready fds of the private epoll into `events`.
-    /// `Some(ZERO)` polls without blocking. Must be called without the GIL.
-    pub(crate) fn wait(&self, timeout: Option<Duration>, has_fds: bool, events: &mut Events) {
+    /// `Some(ZERO)` polls without blocking. Before sleeping, polls without
+    /// blocking for up to `spin` (see `spin_wait`). Must be called without
+    /// the GIL.
+    pub(crate) fn wait(
+        &self,
+        timeout: Option<Duration>,
+        spin: Duration,
+        has_fds: bool,
+        events: &mut Events,
+    ) {
         events.clear();
         let g = self.io.read().unwrap_or_else(|e| e.into_inner());
         let Some(io) = g.as_ref() else {
             return;
         };
         if timeout == Some(Duration::ZERO) {
-            if self.sources.load(Ordering::Relaxed) > 0 {
-                // Let the reactor look at transports' fds once, without
-                // sleeping: yield_now makes the scheduler poll the driver
-                // with a zero timeout before resuming us.
-                io.rt.block_on(tokio::task::yield_now());
-            }
-            // The private epoll: one epoll_wait(0), as asyncio's select(0).
-            if has_fds {
-                epoll_wait_now(self.epfd, events);
-            }
+            self.poll_now(io, has_fds, events);
             return;
+        }
+        let mut timeout = timeout;
+        if !spin.is_zero() {
+            let limit = timeout.map_or(spin, |t| t.min(spin));
+            let start = Instant::now();
+            if self.spin_wait(io, limit, has_fds, events) {
+                return;
+            }
+            if let Some(t) = timeout {
+                // Sleep only for what is left of the timeout (none when the
+                // spin already covered it: the timers are due).
+                match t.checked_sub(start.elapsed()) {
+                    Some(rest) if !rest.is_zero() => timeout = Some(rest),
+                    _ => return,
+                }
+            }
         }
         let epfd = self.epfd;
         let notify = &self.notify;
@@ -291,6 +316,50 @@ impl Driver {
         });
         if has_fds && events.is_empty() {
             epoll_wait_now(epfd, events);
+        }
+    }
+
+    /// One look at everything without sleeping: the reactor (transports'
+    /// fds, signals, ...) and the private epoll.
+    fn poll_now(&self, io: &Io, has_fds: bool, events: &mut Events) {
+        if self.sources.load(Ordering::Relaxed) > 0 {
+            // Let the reactor look at transports' fds once, without
+            // sleeping: yield_now makes the scheduler poll the driver
+            // with a zero timeout before resuming us.
+            io.rt.block_on(tokio::task::yield_now());
+        }
+        // The private epoll: one epoll_wait(0), as asyncio's select(0).
+        if has_fds {
+            epoll_wait_now(self.epfd, events);
+        }
+    }
+
+    /// Poll without sleeping until something is ready or `limit` has
+    /// passed; true if something is (events collected, or a wake-up or
+    /// reactor readiness is pending for the loop).
+    ///
+    /// Why: a loop that answers one peer at a time (a request/response
+    /// exchange on one connection) would otherwise go to sleep right after
+    /// each reply and be woken a few microseconds later by the next
+    /// request; on virtual machines that sleep/wake-up pair costs more CPU
+    /// and latency than the work itself. The caller decides when spinning
+    /// pays (see LoopCore's `spin_ok`); the limit keeps it bounded.
+    fn spin_wait(&self, io: &Io, limit: Duration, has_fds: bool, events: &mut Events) -> bool {
+        let start = Instant::now();
+        loop {
+            self.poll_now(io, has_fds, events);
+            // A wake-up that came before the spin began also ends it: the
+            // loop has work either way (and the Notify permit it left makes
+            // at most one later wait return early, which is harmless).
+            if !events.is_empty() || self.woken.swap(false, Ordering::AcqRel) {
+                return true;
+            }
+            if start.elapsed() >= limit {
+                return false;
+            }
+            // Let another runnable thread of this CPU (an executor worker
+            // the loop waits for) have it.
+            std::thread::yield_now();
         }
     }
 

@@ -160,7 +160,12 @@ def test_sendfile_peer_goes_away(bigfile: tuple[str, bytes]) -> None:
         with open(path, "rb") as f:
             result = await outcome(loop.sendfile(tr, f))
         await resetter
-        await asyncio.sleep(0)
+        # The reset reaches the transport's reader within a few iterations
+        # (how many depends on when each loop polls); both loops close it.
+        for _ in range(100):
+            if tr.is_closing():
+                break
+            await asyncio.sleep(0.01)
         closing = tr.is_closing()
         tr.close()
         lsock.close()
@@ -171,7 +176,7 @@ def test_sendfile_peer_goes_away(bigfile: tuple[str, bytes]) -> None:
     ours, ref = runs["tokioloop"].result, runs["asyncio"].result
     assert ref[0] in {"ConnectionResetError", "BrokenPipeError", "ConnectionError"}
     assert ours[0] in {"ConnectionResetError", "BrokenPipeError", "ConnectionError"}
-    assert ours[1] == ref[1]
+    assert ours[1] == ref[1] is True
 
 
 def test_sendfile_over_tls(bigfile: tuple[str, bytes], certs: Certs) -> None:
