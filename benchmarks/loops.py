@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -19,8 +20,9 @@ LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 #: Names accepted by ``--loops`` / ``--loop``, in table column order.
 KNOWN_LOOPS: tuple[str, ...] = ("asyncio", "uvloop", "rloop", "tokioloop")
-#: Also accepted: tokioloop with await-anywhere tasks on (not run by default).
-VARIANT_LOOPS: tuple[str, ...] = ("tokioloop-anywhere",)
+#: Also accepted (not run by default): tokioloop with await-anywhere tasks
+#: on, and tokioloop that never spins before sleeping (TOKIOLOOP_SPIN_US=0).
+VARIANT_LOOPS: tuple[str, ...] = ("tokioloop-anywhere", "tokioloop-nospin")
 
 
 class LoopUnavailable(Exception):
@@ -54,6 +56,10 @@ def loop_factory(name: str) -> LoopFactory:
 
         def factory() -> asyncio.AbstractEventLoop:
             return base(anywhere_tasks=True)  # type: ignore[call-arg]
+    elif name == "tokioloop-nospin":
+        # read once, when the process makes its first tokioloop loop
+        os.environ["TOKIOLOOP_SPIN_US"] = "0"
+        factory = _module_factory("tokioloop")
     else:
         known = ", ".join(KNOWN_LOOPS + VARIANT_LOOPS)
         raise LoopUnavailable(f"unknown loop {name!r} (known: {known})")

@@ -46,6 +46,9 @@ pub(crate) struct Driver {
     sources: Arc<AtomicUsize>,
     /// Shared with `ready`: a wake-up happened (see ReadyTokens::woken).
     woken: Arc<AtomicBool>,
+    /// The last look at the private epoll found events (see `wait`). Only
+    /// the loop's thread waits; an atomic keeps the Driver Sync.
+    maybe_ready: AtomicBool,
 }
 
 /// Readiness of transports' fds, as reported by Tokio's reactor through
@@ -181,6 +184,8 @@ impl Driver {
             notify,
             sources: Arc::new(AtomicUsize::new(0)),
             woken,
+            // Nothing looked yet: the first wait looks.
+            maybe_ready: AtomicBool::new(true),
         })
     }
 
@@ -289,34 +294,59 @@ impl Driver {
                 }
             }
         }
-        let epfd = self.epfd;
         let notify = &self.notify;
         io.rt.block_on(async {
             if has_fds {
-                // Readiness Tokio saw earlier may be stale: clear it first,
-                // then look at the epoll itself. Anything that becomes ready
-                // after this look makes the epoll fd readable again (it goes
-                // from no ready entries to some), so nothing is lost.
-                std::future::poll_fn(|cx| {
-                    if let Poll::Ready(Ok(mut guard)) = io.afd.poll_read_ready(cx) {
-                        guard.clear_ready();
-                    }
-                    Poll::Ready(())
+                // Look at the private epoll before sleeping only if it may
+                // hold something: Tokio saw it become readable since our
+                // last look (that readiness is cleared first: anything that
+                // becomes ready after the look signals it again), or the
+                // last look found events (level-triggered ones stay ready
+                // without signalling again). Otherwise the last look found
+                // it empty and everything since has signalled through
+                // Tokio's reactor, which the sleep below watches.
+                let signalled = std::future::poll_fn(|cx| {
+                    Poll::Ready(match io.afd.poll_read_ready(cx) {
+                        Poll::Ready(Ok(mut guard)) => {
+                            guard.clear_ready();
+                            true
+                        }
+                        _ => false,
+                    })
                 })
                 .await;
-                epoll_wait_now(epfd, events);
-                if !events.is_empty() {
-                    return;
+                if signalled || self.maybe_ready.load(Ordering::Relaxed) {
+                    self.look(events);
+                    if !events.is_empty() {
+                        return;
+                    }
                 }
             }
             let notified = pin!(notify.notified());
             let readable = pin!(io.afd.readable());
             let sleep = pin!(sleep_or_forever(timeout));
             race3(notified, readable, sleep).await;
+            if has_fds {
+                // Woken: look at the private epoll if it signalled (if it
+                // did not yet, its signal waits in Tokio for the next wait).
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(Ok(mut guard)) = io.afd.poll_read_ready(cx) {
+                        guard.clear_ready();
+                        self.look(events);
+                    }
+                    Poll::Ready(())
+                })
+                .await;
+            }
         });
-        if has_fds && events.is_empty() {
-            epoll_wait_now(epfd, events);
-        }
+    }
+
+    /// epoll_wait(0) on the private epoll, remembering whether it found
+    /// anything (see `wait`).
+    fn look(&self, events: &mut Events) {
+        epoll_wait_now(self.epfd, events);
+        self.maybe_ready
+            .store(!events.is_empty(), Ordering::Relaxed);
     }
 
     /// One look at everything without sleeping: the reactor (transports'
@@ -330,7 +360,7 @@ impl Driver {
         }
         // The private epoll: one epoll_wait(0), as asyncio's select(0).
         if has_fds {
-            epoll_wait_now(self.epfd, events);
+            self.look(events);
         }
     }
 
