@@ -15,10 +15,16 @@
 //!
 //! * `M_MMAP_THRESHOLD` 1 MiB: blocks below it come from the heap;
 //! * `M_TRIM_THRESHOLD` 4 MiB: up to that much free memory stays at the
-//!   top of the heap instead of going back to the kernel.
+//!   top of the heap instead of going back to the kernel;
+//! * `M_TOP_PAD` 16 MiB: and when the heap is trimmed, 16 MiB stay. With
+//!   many connections the heap's top swings by more than the trim
+//!   threshold (100 connections x 100 KiB messages on the streams echo: 16k
+//!   `brk` calls and 27 page faults per request, 70 us of CPU per request;
+//!   with the pad 12 `brk` calls, 0.07 page faults, 40 us). A process that
+//!   frees a burst keeps at most this much more resident than glibc would.
 //!
 //! Nothing is changed when the user tuned malloc already
-//! (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`
+//! (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_`, `GLIBC_TUNABLES`
 //! with a `glibc.malloc.` setting) or set `TOKIOLOOP_MALLOC_TUNING=0`, nor
 //! on other C libraries (musl, macOS).
 
@@ -30,6 +36,9 @@ const MMAP_THRESHOLD: libc::c_int = 1 << 20;
 /// Free memory kept at the top of the heap.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: libc::c_int = 4 << 20;
+/// Free memory a trim leaves at the top of the heap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TOP_PAD: libc::c_int = 16 << 20;
 
 static TUNE: Once = Once::new();
 
@@ -40,6 +49,7 @@ fn user_tuned() -> bool {
     }
     set("MALLOC_MMAP_THRESHOLD_")
         || set("MALLOC_TRIM_THRESHOLD_")
+        || set("MALLOC_TOP_PAD_")
         || std::env::var("GLIBC_TUNABLES").is_ok_and(|v| v.contains("glibc.malloc."))
 }
 
@@ -51,10 +61,11 @@ pub(crate) fn tune_once() {
         }
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: mallopt only sets glibc's malloc parameters (under its own
-        // lock); the values are in range for both parameters.
+        // lock); the values are in range for each parameter.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
             libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+            libc::mallopt(libc::M_TOP_PAD, TOP_PAD);
         }
     });
 }
