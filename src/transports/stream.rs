@@ -32,6 +32,10 @@ use super::{Source, READ, WRITE};
 
 /// asyncio's `max_size`: at most this much is read per readiness event.
 pub(crate) const MAX_READ: usize = 256 * 1024;
+/// Reads at least this large make the next read go straight into a bytes
+/// object of MAX_READ bytes, shrunk to what arrived (no copy; for small
+/// reads, copying out of the shared buffer is cheaper than the allocation).
+const DIRECT_READ_MIN: usize = 32 * 1024;
 /// asyncio's LOG_THRESHOLD_FOR_CONNLOST_WRITES.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 const DEFAULT_HIGH_WATER: usize = 64 * 1024;
@@ -112,6 +116,9 @@ struct State {
     started: bool,
     /// True while loop-initiated work runs in the transport's context.
     in_context: bool,
+    /// The last read was large (DIRECT_READ_MIN or more): read straight
+    /// into a new bytes object instead of copying out of the shared buffer.
+    big_reads: bool,
 }
 
 #[pyclass(frozen, module = "tokioloop._tokioloop", name = "StreamTransportCore")]
@@ -333,17 +340,60 @@ impl StreamCore {
         if buffered {
             return Self::read_buffered(slf);
         }
-        let lp = this.lp(py).get();
-        // Read into the loop's shared buffer (no allocation per read), then
-        // copy exactly what arrived into a bytes object.
-        let (outcome, data) = lp.with_read_buffer(py, |buf| {
+        let (outcome, data) = if this.st.with(py, |s| s.big_reads) {
+            Self::read_direct(slf)?
+        } else {
+            let lp = this.lp(py).get();
+            // Read into the loop's shared buffer (no allocation per read),
+            // then copy exactly what arrived into a bytes object.
+            lp.with_read_buffer(py, |buf| {
+                let outcome = this.st.with(py, |s| this.read_into(s, buf));
+                match outcome {
+                    ReadOutcome::Data(n, _) => (outcome, Some(PyBytes::new(py, &buf[..n]))),
+                    o => (o, None),
+                }
+            })
+        };
+        let big = matches!(outcome, ReadOutcome::Data(n, _) if n >= DIRECT_READ_MIN);
+        this.st.with(py, |s| s.big_reads = big);
+        Self::after_read(slf, outcome, data)
+    }
+
+    /// One read straight into a new bytes object of MAX_READ bytes, shrunk
+    /// to the size read (CPython's PyBytesWriter, or pyo3's equivalent on
+    /// versions before 3.15).
+    fn read_direct<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(ReadOutcome, Option<Bound<'py, PyBytes>>)> {
+        let py = slf.py();
+        let this = slf.get();
+        // SAFETY: the writer API is used as documented: Create returns a
+        // writer owning a buffer of MAX_READ writable bytes (or NULL with
+        // an exception set); GetData points at that buffer until the writer
+        // is finished or discarded, which happens exactly once below, and
+        // the slice does not outlive it. FinishWithSize returns a new
+        // reference to a bytes object of the first `n` bytes (or NULL with
+        // an exception), and consumes the writer either way.
+        unsafe {
+            let w = ffi::compat::PyBytesWriter_Create(MAX_READ as ffi::Py_ssize_t);
+            if w.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            let ptr = ffi::compat::PyBytesWriter_GetData(w).cast::<u8>();
+            let buf = std::slice::from_raw_parts_mut(ptr, MAX_READ);
             let outcome = this.st.with(py, |s| this.read_into(s, buf));
             match outcome {
-                ReadOutcome::Data(n, _) => (outcome, Some(PyBytes::new(py, &buf[..n]))),
-                o => (o, None),
+                ReadOutcome::Data(n, _) => {
+                    let obj = ffi::compat::PyBytesWriter_FinishWithSize(w, n as ffi::Py_ssize_t);
+                    let obj = Bound::from_owned_ptr_or_err(py, obj)?;
+                    Ok((outcome, Some(obj.cast_into_unchecked::<PyBytes>())))
+                }
+                o => {
+                    ffi::compat::PyBytesWriter_Discard(w);
+                    Ok((o, None))
+                }
             }
-        });
-        Self::after_read(slf, outcome, data)
+        }
     }
 
     /// One read syscall into `buf`, honouring Tokio's readiness.
@@ -1075,6 +1125,7 @@ impl StreamCore {
                 empty_waiter: None,
                 started: false,
                 in_context: false,
+                big_reads: false,
             }),
         })
     }
