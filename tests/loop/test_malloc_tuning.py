@@ -51,7 +51,9 @@ loop.close()
 
 # A burst of 100 KiB buffers freed newest first: the free space gathers at the
 # top of the heap, past the trim threshold. keepcost is what stays there.
-BURST = CHILD.split("loop = tokioloop")[0] + r"""
+BURST = (
+    CHILD.split("loop = tokioloop")[0]
+    + r"""
 loop = tokioloop.new_event_loop()
 blocks = [libc.malloc(100 * 1024) for _ in range(100)]
 for b in blocks:
@@ -61,6 +63,7 @@ for b in reversed(blocks):
 print(libc.mallinfo2().keepcost // 1024)
 loop.close()
 """
+)
 
 
 def _child(code: str, **env: str) -> int:
