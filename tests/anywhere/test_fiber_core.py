@@ -766,6 +766,8 @@ def test_keyboard_interrupt_lands_in_the_running_fiber() -> None:
         """
         import os, signal, threading
         from tokioloop import _tokioloop as T
+        # a test run started in the background inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         def body():
             try:
                 while True:

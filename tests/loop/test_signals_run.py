@@ -147,6 +147,8 @@ def test_policy() -> None:
 CTRL_C = textwrap.dedent(
     """
     import asyncio, os, signal, sys, tokioloop
+    # a test run started in the background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     async def main():
         try:
             print("ready", flush=True)
@@ -179,7 +181,9 @@ def test_ctrl_c_cancels_main_then_raises_keyboard_interrupt() -> None:
 
 CTRL_C_PLAIN = textwrap.dedent(
     """
-    import asyncio, sys, tokioloop
+    import asyncio, signal, sys, tokioloop
+    # a test run started in the background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     loop = tokioloop.new_event_loop()
     loop.call_later(60, loop.stop)
     loop.call_soon(lambda: print("ready", flush=True))  # once the loop runs
