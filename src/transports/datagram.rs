@@ -30,11 +30,44 @@ struct Cached {
     error_received: Py<PyAny>,
 }
 
-/// The last peer address seen, as raw sockaddr and as Python object: an
-/// echo server answers the address it got, so both directions hit it.
+/// A peer address seen lately, as raw sockaddr and as Python object: a
+/// server answers the address it got, so both directions hit it.
 struct AddrCache {
     raw: Vec<u8>,
     obj: Py<PyAny>,
+}
+
+/// The last ADDR_CACHE_SIZE peer addresses (a server talking to a few
+/// clients at once converts each address once, not once per datagram).
+#[derive(Default)]
+struct AddrCaches {
+    entries: Vec<AddrCache>,
+    /// Where the next new address goes once the cache is full.
+    next: usize,
+}
+
+const ADDR_CACHE_SIZE: usize = 16;
+
+impl AddrCaches {
+    fn by_raw(&self, raw: &[u8]) -> Option<&AddrCache> {
+        self.entries.iter().find(|c| c.raw == raw)
+    }
+
+    fn by_obj(&self, obj: *mut ffi::PyObject) -> Option<&AddrCache> {
+        self.entries.iter().find(|c| c.obj.as_ptr() == obj)
+    }
+
+    /// Add an entry; returns the one it evicts (to be dropped outside the
+    /// cell: dropping a Python reference may run code).
+    fn insert(&mut self, entry: AddrCache) -> Option<AddrCache> {
+        if self.entries.len() < ADDR_CACHE_SIZE {
+            self.entries.push(entry);
+            return None;
+        }
+        let i = self.next % ADDR_CACHE_SIZE;
+        self.next = i + 1;
+        Some(std::mem::replace(&mut self.entries[i], entry))
+    }
 }
 
 #[pyclass(frozen, module = "tokioloop._tokioloop", name = "DatagramCore")]
@@ -51,7 +84,7 @@ pub struct DatagramCore {
     /// True while `ctx` is entered by us (it cannot be entered twice).
     in_ctx: std::sync::atomic::AtomicBool,
     cb: GilCell<Option<Cached>>,
-    addr: GilCell<Option<AddrCache>>,
+    addr: GilCell<AddrCaches>,
 }
 
 fn errno() -> i32 {
@@ -233,11 +266,10 @@ impl DatagramCore {
     }
 
     fn addr_object<'py>(&self, py: Python<'py>, raw: &[u8]) -> PyResult<Option<Bound<'py, PyAny>>> {
-        if let Some(o) = self.addr.with(py, |c| {
-            c.as_ref()
-                .filter(|c| c.raw == raw)
-                .map(|c| c.obj.bind(py).clone())
-        }) {
+        if let Some(o) = self
+            .addr
+            .with(py, |c| c.by_raw(raw).map(|c| c.obj.bind(py).clone()))
+        {
             return Ok(Some(o));
         }
         let Some(obj) = sockaddr_to_py(py, raw)? else {
@@ -247,7 +279,7 @@ impl DatagramCore {
             raw: raw.to_vec(),
             obj: obj.clone().unbind(),
         };
-        let old = self.addr.with(py, |c| c.replace(entry));
+        let old = self.addr.with(py, |c| c.insert(entry));
         drop(old);
         Ok(Some(obj))
     }
@@ -331,9 +363,9 @@ impl NativeReader for DatagramCore {
         }
         if let Some(r) = self
             .addr
-            .try_with(|c| c.as_ref().map(|c| visit.call(&c.obj)))
+            .try_with(|c| c.entries.iter().try_for_each(|c| visit.call(&c.obj)))
         {
-            r.transpose()?;
+            r?;
         }
         Ok(())
     }
@@ -361,7 +393,7 @@ impl DatagramCore {
             ctx: copy_context(py)?,
             in_ctx: std::sync::atomic::AtomicBool::new(false),
             cb: GilCell::new(None),
-            addr: GilCell::new(None),
+            addr: GilCell::new(AddrCaches::default()),
         };
         core.set_protocol(py, &protocol)?;
         Ok(core)
@@ -376,7 +408,7 @@ impl DatagramCore {
     fn __clear__(&self) {
         let old = (
             self.cb.try_with(|c| c.take()),
-            self.addr.try_with(|c| c.take()),
+            self.addr.try_with(std::mem::take),
         );
         drop(old);
     }
@@ -433,11 +465,9 @@ impl DatagramCore {
         let sockaddr: Option<Vec<u8>> = if self.connected || addr.is_none() {
             None
         } else {
-            let cached = self.addr.with(py, |c| {
-                c.as_ref()
-                    .filter(|c| c.obj.as_ptr() == addr.as_ptr())
-                    .map(|c| c.raw.clone())
-            });
+            let cached = self
+                .addr
+                .with(py, |c| c.by_obj(addr.as_ptr()).map(|c| c.raw.clone()));
             match cached.or_else(|| py_to_sockaddr(self.family, addr)) {
                 Some(s) => Some(s),
                 None => return Ok(false),

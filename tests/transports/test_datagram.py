@@ -371,3 +371,44 @@ def _freed_after_close(factory: Any) -> tuple[bool, bool]:
 def test_closed_datagram_transport_is_freed() -> None:
     assert _freed_after_close(asyncio.SelectorEventLoop) == (True, True)
     assert _freed_after_close(tokioloop.new_event_loop) == (True, True)
+
+
+def test_many_peers_each_get_their_own_answers() -> None:
+    """A server talking to more peers than tokioloop caches addresses for
+    (16), each several times in turn: every datagram is reported with its
+    sender's address and every answer reaches the right peer."""
+    peers_n, rounds = 40, 3
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[bool, bool, int]:
+        tr, proto = await loop.create_datagram_endpoint(
+            lambda: Collect(loop, echo=True), local_addr=("127.0.0.1", 0)
+        )
+        server = tr.get_extra_info("sockname")
+        peers = []
+        for _ in range(peers_n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            peers.append(s)
+        answers_ok = True
+        for r in range(rounds):
+            for i, s in enumerate(peers):
+                s.sendto(f"r{r}p{i}".encode(), server)
+            for i, s in enumerate(peers):
+                data = await asyncio.wait_for(loop.sock_recv(s, 100), SHORT)
+                answers_ok &= data == f"R{r}P{i}".encode()
+        names = {s.getsockname(): i for i, s in enumerate(peers)}
+        addrs_ok = all(
+            names.get(addr) == int(data.decode().split("p")[1]) for data, addr in proto.got
+        )
+        for s in peers:
+            s.close()
+        tr.close()
+        await asyncio.sleep(0)
+        return answers_ok, addrs_ok, len(proto.got)
+
+    with fds_released():
+        runs = on_both(main)
+    want = (True, True, peers_n * rounds)
+    assert runs["asyncio"].result == want
+    assert runs["tokioloop"].result == want
