@@ -33,9 +33,13 @@ use super::{Source, READ, WRITE};
 /// asyncio's `max_size`: at most this much is read per readiness event.
 pub(crate) const MAX_READ: usize = 256 * 1024;
 /// Reads at least this large make the next read go straight into a bytes
-/// object of MAX_READ bytes, shrunk to what arrived (no copy; for small
+/// object of DIRECT_READ bytes, shrunk to what arrived (no copy; for small
 /// reads, copying out of the shared buffer is cheaper than the allocation).
 const DIRECT_READ_MIN: usize = 32 * 1024;
+/// Size of a direct read: the bytes object (data plus CPython's header)
+/// stays under glibc's default mmap threshold (128 KiB), so that even with
+/// malloc untuned a read never costs an mmap/munmap pair.
+const DIRECT_READ: usize = 126 * 1024;
 /// asyncio's LOG_THRESHOLD_FOR_CONNLOST_WRITES.
 const LOG_THRESHOLD_FOR_CONNLOST_WRITES: u32 = 5;
 const DEFAULT_HIGH_WATER: usize = 64 * 1024;
@@ -359,7 +363,7 @@ impl StreamCore {
         Self::after_read(slf, outcome, data)
     }
 
-    /// One read straight into a new bytes object of MAX_READ bytes, shrunk
+    /// One read straight into a new bytes object of DIRECT_READ bytes, shrunk
     /// to the size read (CPython's PyBytesWriter, or pyo3's equivalent on
     /// versions before 3.15).
     fn read_direct<'py>(
@@ -368,19 +372,19 @@ impl StreamCore {
         let py = slf.py();
         let this = slf.get();
         // SAFETY: the writer API is used as documented: Create returns a
-        // writer owning a buffer of MAX_READ writable bytes (or NULL with
+        // writer owning a buffer of DIRECT_READ writable bytes (or NULL with
         // an exception set); GetData points at that buffer until the writer
         // is finished or discarded, which happens exactly once below, and
         // the slice does not outlive it. FinishWithSize returns a new
         // reference to a bytes object of the first `n` bytes (or NULL with
         // an exception), and consumes the writer either way.
         unsafe {
-            let w = ffi::compat::PyBytesWriter_Create(MAX_READ as ffi::Py_ssize_t);
+            let w = ffi::compat::PyBytesWriter_Create(DIRECT_READ as ffi::Py_ssize_t);
             if w.is_null() {
                 return Err(PyErr::fetch(py));
             }
             let ptr = ffi::compat::PyBytesWriter_GetData(w).cast::<u8>();
-            let buf = std::slice::from_raw_parts_mut(ptr, MAX_READ);
+            let buf = std::slice::from_raw_parts_mut(ptr, DIRECT_READ);
             let outcome = this.st.with(py, |s| this.read_into(s, buf));
             match outcome {
                 ReadOutcome::Data(n, _) => {
