@@ -67,18 +67,16 @@ unsafe fn parse<'py>(
         // Callers that pass the interned name (asyncio's C tasks and
         // futures, any Python call site with `context=`) match by identity;
         // anything else is compared by value.
-        let interned = pyo3::intern!(py, "context");
-        if key.is(interned) {
-            context = Some(unsafe { Bound::from_borrowed_ptr(py, all[nargs + i]) });
-            continue;
-        }
-        let key = key.cast_into::<PyString>()?;
-        if key.to_str()? == "context" {
+        let key_is_context =
+            key.is(pyo3::intern!(py, "context")) || key.cast::<PyString>()?.to_str()? == "context";
+        if key_is_context {
+            // SAFETY: the value of keyword i follows the positionals and is
+            // a borrowed reference valid for the call.
             context = Some(unsafe { Bound::from_borrowed_ptr(py, all[nargs + i]) });
         } else {
             return Err(PyTypeError::new_err(format!(
                 "{name}() got an unexpected keyword argument '{}'",
-                key.to_str()?
+                key.cast::<PyString>()?.to_str()?
             )));
         }
     }

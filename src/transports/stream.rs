@@ -332,11 +332,11 @@ impl StreamCore {
     fn on_readable(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
-        let buffered = match this.st.with(py, |s| {
+        let (buffered, big_reads) = match this.st.with(py, |s| {
             if !this.reading_enabled(s) || s.reg.is_none() {
                 return None;
             }
-            s.cb.as_ref().map(|c| c.buffered)
+            s.cb.as_ref().map(|c| (c.buffered, s.big_reads))
         }) {
             Some(b) => b,
             None => return Ok(()),
@@ -344,7 +344,7 @@ impl StreamCore {
         if buffered {
             return Self::read_buffered(slf);
         }
-        let (outcome, data) = if this.st.with(py, |s| s.big_reads) {
+        let (outcome, data) = if big_reads {
             Self::read_direct(slf)?
         } else {
             let lp = this.lp(py).get();

@@ -38,6 +38,16 @@ def case(fn: Case) -> Case:
     return fn
 
 
+def kill_on_exit(stack: AsyncExitStack, proc: asyncio.subprocess.Process) -> None:
+    """Kill and reap the child when the case's stack unwinds."""
+
+    async def reap() -> None:
+        proc.kill()
+        await proc.wait()
+
+    stack.push_async_callback(reap)
+
+
 def pair(stack: AsyncExitStack) -> tuple[socket.socket, socket.socket]:
     a, b = socket.socketpair()
     stack.callback(a.close)
@@ -189,12 +199,7 @@ async def subprocess_wait(loop: asyncio.AbstractEventLoop, stack: AsyncExitStack
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "import time; time.sleep(30)", stdout=subprocess.DEVNULL
     )
-
-    async def reap() -> None:
-        proc.kill()
-        await proc.wait()
-
-    stack.push_async_callback(reap)
+    kill_on_exit(stack, proc)
     return await proc.wait()
 
 
@@ -207,12 +212,7 @@ async def subprocess_communicate(loop: asyncio.AbstractEventLoop, stack: AsyncEx
         stdout=subprocess.PIPE,
         stdin=subprocess.PIPE,
     )
-
-    async def reap() -> None:
-        proc.kill()
-        await proc.wait()
-
-    stack.push_async_callback(reap)
+    kill_on_exit(stack, proc)
     return await proc.communicate(b"in")
 
 
