@@ -21,6 +21,7 @@ use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use pyo3::PyTraverseError;
+use rustc_hash::FxHashMap;
 
 use super::cell::GilCell;
 use super::clock;
@@ -33,7 +34,6 @@ use super::selector::{Selector, Watcher, READ, WRITE};
 use super::timers::Timers;
 use crate::transports::stream::{StreamCore, MAX_READ};
 use crate::transports::Source;
-use std::collections::HashMap;
 
 /// asyncio's MAXIMUM_SELECT_TIMEOUT: never sleep longer than a day at once.
 const MAX_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
@@ -51,6 +51,8 @@ pub(crate) struct RunState {
     last_poll_coarse: i64,
     garbage: Garbage,
     tokens: Vec<(u64, u8)>,
+    /// Jobs of the sources `tokens` named (kept to reuse its allocation).
+    woken: Vec<Job>,
     /// Whether the next wait spins before sleeping: the last wait ended
     /// within the spin limit (the loop's peer answers fast enough for a
     /// spin to catch it). A wait that outlasts the limit turns it off, a
@@ -67,6 +69,7 @@ impl RunState {
             last_poll_coarse: 0,
             garbage: Garbage::default(),
             tokens: Vec::new(),
+            woken: Vec::new(),
             spin_ok: true,
         }
     }
@@ -163,7 +166,7 @@ pub struct LoopCore {
     next_op_id: AtomicU64,
     next_token: AtomicU64,
     /// Transports registered with the reactor, by token.
-    sources: GilCell<HashMap<u64, Source>>,
+    sources: GilCell<FxHashMap<u64, Source>>,
     /// One receive buffer for all transports of the loop.
     read_buf: GilCell<Vec<u8>>,
     /// How long a wait may poll before it sleeps (see Driver::wait);
@@ -659,10 +662,14 @@ impl LoopCore {
                 py.detach(|| this.driver.wait(timeout, Duration::ZERO, has_fds, events));
             } else {
                 let limit = this.spin;
-                let spin = if rs.spin_ok { limit } else { Duration::ZERO };
-                let start = std::time::Instant::now();
-                py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
-                rs.spin_ok = !limit.is_zero() && start.elapsed() <= limit;
+                if limit.is_zero() {
+                    py.detach(|| this.driver.wait(timeout, limit, has_fds, events));
+                } else {
+                    let spin = if rs.spin_ok { limit } else { Duration::ZERO };
+                    let start = std::time::Instant::now();
+                    py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
+                    rs.spin_ok = start.elapsed() <= limit;
+                }
             }
         }
         rs.busy_iterations = 0;
@@ -688,7 +695,8 @@ impl LoopCore {
         };
         let batch = &mut rs.batch;
         let events = &rs.events;
-        let woken = this.woken_sources(py, &mut rs.tokens);
+        let woken = &mut rs.woken;
+        this.woken_sources(py, &mut rs.tokens, woken);
         this.with_state(py, |st| {
             let State {
                 ready,
@@ -698,7 +706,7 @@ impl LoopCore {
             if let Some(epfd) = epfd {
                 selector.dispatch(py, epfd, events, ready, &mut garbage.watchers);
             }
-            ready.extend(woken);
+            ready.extend(woken.drain(..));
             if has_timers {
                 timers.pop_due(end, &this.cancelled_timers, ready, &mut garbage.timers);
             }
@@ -711,9 +719,8 @@ impl LoopCore {
 
     /// Jobs for the native sources (signals, child pidfds, ...) the reactor
     /// found ready.
-    fn woken_sources(&self, py: Python<'_>, tokens: &mut Vec<(u64, u8)>) -> Vec<Job> {
+    fn woken_sources(&self, py: Python<'_>, tokens: &mut Vec<(u64, u8)>, woken: &mut Vec<Job>) {
         self.driver.ready.take(tokens);
-        let mut woken: Vec<Job> = Vec::new();
         if !tokens.is_empty() {
             self.sources.with(py, |m| {
                 for (token, kind) in tokens.drain(..) {
@@ -723,7 +730,6 @@ impl LoopCore {
                 }
             });
         }
-        woken
     }
 
     /// Poll I/O without blocking and run the callbacks of what is ready
@@ -745,7 +751,7 @@ impl LoopCore {
         } else {
             this.driver.epfd()
         };
-        let woken = this.woken_sources(py, &mut rs.tokens);
+        this.woken_sources(py, &mut rs.tokens, &mut rs.woken);
         let batch = &mut rs.batch;
         let garbage = &mut rs.garbage;
         let events = &rs.events;
@@ -755,7 +761,7 @@ impl LoopCore {
                     .dispatch(py, epfd, events, batch, &mut garbage.watchers);
             }
         });
-        batch.extend(woken);
+        batch.extend(rs.woken.drain(..));
         rs.events.clear();
         rs.garbage.release(py);
         Self::run_batch(slf, rs)
@@ -960,7 +966,7 @@ impl LoopCore {
             anywhere_tasks: AtomicBool::new(false),
             next_op_id: AtomicU64::new(1),
             next_token: AtomicU64::new(1),
-            sources: GilCell::new(HashMap::new()),
+            sources: GilCell::new(FxHashMap::default()),
             read_buf: GilCell::new(Vec::new()),
             spin: spin_limit(),
         })

@@ -7,6 +7,7 @@
 //! argument tuple is built, and a callback's one argument is kept as is.
 
 use std::os::raw::c_char;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::OnceLock;
 
 use pyo3::exceptions::{PySystemError, PyTypeError};
@@ -61,15 +62,24 @@ unsafe fn parse<'py>(
         )));
     }
     let mut context = None;
-    for i in 0..nkw {
+    if nkw == 1 && kwnames == CONTEXT_KWNAMES.load(Ordering::Acquire) {
+        // SAFETY: the value of the one keyword follows the positionals and
+        // is a borrowed reference valid for the call.
+        context = Some(unsafe { Bound::from_borrowed_ptr(py, all[nargs]) });
+    }
+    for i in 0..nkw * usize::from(context.is_none()) {
         // SAFETY: items of the kwnames tuple are str; values follow the positionals.
         let key = unsafe { Bound::from_borrowed_ptr(py, ffi::PyTuple_GET_ITEM(kwnames, i as _)) };
-        // Callers that pass the interned name (asyncio's C tasks and
-        // futures, any Python call site with `context=`) match by identity;
-        // anything else is compared by value.
-        let key_is_context =
-            key.is(pyo3::intern!(py, "context")) || key.cast::<PyString>()?.to_str()? == "context";
+        // Callers that pass the interned name (any Python call site with
+        // `context=`, asyncio's C tasks and futures on some versions) match
+        // by identity; anything else is compared by value, and a C caller's
+        // `("context",)` tuple is remembered (see CONTEXT_KWNAMES).
+        let interned = key.is(pyo3::intern!(py, "context"));
+        let key_is_context = interned || key.cast::<PyString>()?.to_str()? == "context";
         if key_is_context {
+            if nkw == 1 && !interned {
+                remember_context_kwnames(kwnames);
+            }
             // SAFETY: the value of keyword i follows the positionals and is
             // a borrowed reference valid for the call.
             context = Some(unsafe { Bound::from_borrowed_ptr(py, all[nargs + i]) });
@@ -96,6 +106,35 @@ unsafe fn parse<'py>(
         args: &all[need..nargs],
         context,
     })
+}
+
+/// The first `("context",)` keyword-names tuple seen whose string is not the
+/// interned one: asyncio's C futures and tasks pass the same such tuple on
+/// every call (3.12 builds it once per module state), which is then matched
+/// by one pointer comparison instead of a text comparison.
+static CONTEXT_KWNAMES: AtomicPtr<ffi::PyObject> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Remember `kwnames` (a tuple whose one item is the text "context") if no
+/// tuple is remembered yet. The reference taken is never released: one
+/// small tuple, kept alive so that the pointer can never name another
+/// object.
+fn remember_context_kwnames(kwnames: *mut ffi::PyObject) {
+    if !CONTEXT_KWNAMES.load(Ordering::Relaxed).is_null() {
+        return;
+    }
+    if CONTEXT_KWNAMES
+        .compare_exchange(
+            std::ptr::null_mut(),
+            kwnames,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+    {
+        // SAFETY: kwnames is a live tuple (the call's keyword names), and
+        // the caller is attached; the new reference is the cache's.
+        unsafe { ffi::Py_INCREF(kwnames) };
+    }
 }
 
 /// Run `f` as the body of a C method: with the thread attached (pyo3's

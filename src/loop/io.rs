@@ -1,11 +1,13 @@
 //! Waiting for I/O: the loop's Tokio current-thread runtime.
 //!
-//! Tokio's reactor does the sleeping. It watches (1) the private
-//! level-triggered epoll that holds add_reader/add_writer fds and pending
-//! sock_* operations (selector.rs), (2) a `Notify` that other threads
-//! (call_soon_threadsafe, DNS results) use to wake the loop, and (3) a Tokio
-//! timer for the nearest scheduled call. The GIL is released by the caller
-//! for exactly the duration of `wait`.
+//! Tokio's reactor does the sleeping. It watches the transports' fds and
+//! (1) the private level-triggered epoll that holds add_reader/add_writer
+//! fds and pending sock_* operations (selector.rs), and (2) a Tokio timer
+//! for the nearest scheduled call. Everything that can end a wait (a
+//! transport's fd, the private epoll, call_soon_threadsafe and DNS results
+//! from other threads) reports through one `Signal`: a flag plus the waker
+//! of the blocked wait. The GIL is released by the caller for exactly the
+//! duration of `wait`.
 
 use std::future::Future;
 use std::io;
@@ -16,9 +18,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use atomic_waker::AtomicWaker;
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::Runtime;
-use tokio::sync::Notify;
 
 struct EpollFd(OwnedFd);
 
@@ -38,27 +40,47 @@ struct Io {
 pub(crate) struct Driver {
     io: RwLock<Option<Io>>,
     epfd: RawFd,
-    pub(crate) notify: Arc<Notify>,
     /// Tokens of Tokio-registered fds (transports) that became ready.
     pub(crate) ready: Arc<ReadyTokens>,
     /// How many fds are registered with Tokio (zero-timeout polls must run
     /// the reactor only if there are any).
     sources: Arc<AtomicUsize>,
-    /// Shared with `ready`: a wake-up happened (see ReadyTokens::woken).
-    woken: Arc<AtomicBool>,
+    /// Wakes the loop: shared with `ready` and the private epoll's waker.
+    signal: Arc<Signal>,
+    /// Tokio saw the private epoll become readable since our last look
+    /// (set by `EpollWaker`, which also re-arms nothing: `rearm_epoll` does).
+    epoll_signalled: Arc<AtomicBool>,
+    /// The waker registered for the private epoll's readiness.
+    epoll_waker: Waker,
     /// The last look at the private epoll found events (see `wait`). Only
     /// the loop's thread waits; an atomic keeps the Driver Sync.
     maybe_ready: AtomicBool,
+}
+
+/// What ends a wait: `woken` says something happened (read and reset by
+/// the loop's thread), `waker` is the blocked wait's (registered before it
+/// checks `woken`, so no wake-up is lost in between).
+pub(crate) struct Signal {
+    woken: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    fn raise(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn take(&self) -> bool {
+        self.woken.swap(false, Ordering::AcqRel)
+    }
 }
 
 /// Readiness of transports' fds, as reported by Tokio's reactor through
 /// `TokenWaker`s: (token, kind) pairs, drained by the loop each iteration.
 pub(crate) struct ReadyTokens {
     list: Mutex<Vec<(u64, u8)>>,
-    notify: Arc<Notify>,
-    /// Set by every wake-up (this list, call_soon_threadsafe & co.), read
-    /// by a spinning `wait` that does not sleep on `notify`.
-    woken: Arc<AtomicBool>,
+    signal: Arc<Signal>,
 }
 
 impl ReadyTokens {
@@ -76,8 +98,7 @@ impl ReadyTokens {
         if was_empty {
             // Wakes a loop blocked in `wait`; later events of the same
             // reactor turn find the list non-empty and need no wake-up.
-            self.woken.store(true, Ordering::Release);
-            self.notify.notify_one();
+            self.signal.raise();
         }
     }
 }
@@ -97,6 +118,23 @@ impl Wake for TokenWaker {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.ready.push(self.token, self.kind);
+    }
+}
+
+/// The waker Tokio's reactor calls when the private epoll becomes readable.
+struct EpollWaker {
+    signalled: Arc<AtomicBool>,
+    signal: Arc<Signal>,
+}
+
+impl Wake for EpollWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.signalled.store(true, Ordering::Release);
+        self.signal.raise();
     }
 }
 
@@ -171,19 +209,27 @@ impl Driver {
             }
             .map_err(|e| e.into_parts().1)?
         };
-        let notify = Arc::new(Notify::new());
-        let woken = Arc::new(AtomicBool::new(false));
+        let signal = Arc::new(Signal {
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
+        // Set: the first look at the private epoll registers its waker.
+        let epoll_signalled = Arc::new(AtomicBool::new(true));
+        let epoll_waker = Waker::from(Arc::new(EpollWaker {
+            signalled: epoll_signalled.clone(),
+            signal: signal.clone(),
+        }));
         Ok(Driver {
             io: RwLock::new(Some(Io { afd, rt })),
             epfd: raw,
             ready: Arc::new(ReadyTokens {
                 list: Mutex::new(Vec::new()),
-                notify: notify.clone(),
-                woken: woken.clone(),
+                signal: signal.clone(),
             }),
-            notify,
             sources: Arc::new(AtomicUsize::new(0)),
-            woken,
+            signal,
+            epoll_signalled,
+            epoll_waker,
             // Nothing looked yet: the first wait looks.
             maybe_ready: AtomicBool::new(true),
         })
@@ -238,8 +284,7 @@ impl Driver {
     }
 
     pub(crate) fn wake(&self) {
-        self.woken.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.signal.raise();
     }
 
     /// Run `f` on the runtime's blocking pool (None once closed).
@@ -294,73 +339,93 @@ impl Driver {
                 }
             }
         }
-        let notify = &self.notify;
-        io.rt.block_on(async {
-            if has_fds {
-                // Look at the private epoll before sleeping only if it may
-                // hold something: Tokio saw it become readable since our
-                // last look (that readiness is cleared first: anything that
-                // becomes ready after the look signals it again), or the
-                // last look found events (level-triggered ones stay ready
-                // without signalling again). Otherwise the last look found
-                // it empty and everything since has signalled through
-                // Tokio's reactor, which the sleep below watches.
-                let signalled = std::future::poll_fn(|cx| {
-                    Poll::Ready(match io.afd.poll_read_ready(cx) {
-                        Poll::Ready(Ok(mut guard)) => {
-                            guard.clear_ready();
-                            true
-                        }
-                        _ => false,
-                    })
-                })
-                .await;
-                if signalled || self.maybe_ready.load(Ordering::Relaxed) {
-                    self.look(events);
-                    if !events.is_empty() {
-                        return;
-                    }
-                }
+        if has_fds && self.look_needed() {
+            self.look(io, events);
+            if !events.is_empty() {
+                return;
             }
-            let notified = pin!(notify.notified());
-            let readable = pin!(io.afd.readable());
-            let sleep = pin!(sleep_or_forever(timeout));
-            race3(notified, readable, sleep).await;
-            if has_fds {
-                // Woken: look at the private epoll if it signalled (if it
-                // did not yet, its signal waits in Tokio for the next wait).
-                std::future::poll_fn(|cx| {
-                    if let Poll::Ready(Ok(mut guard)) = io.afd.poll_read_ready(cx) {
-                        guard.clear_ready();
-                        self.look(events);
-                    }
+        }
+        let signal = &*self.signal;
+        // Sleep until something signals (the waker is registered before the
+        // flag is read, so a signal in between is not lost) or the timeout.
+        match timeout {
+            None => io.rt.block_on(std::future::poll_fn(|cx| {
+                signal.waker.register(cx.waker());
+                if signal.take() {
                     Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            })),
+            Some(t) => io.rt.block_on(async {
+                let mut sleep = pin!(tokio::time::sleep(t));
+                std::future::poll_fn(|cx| {
+                    signal.waker.register(cx.waker());
+                    if signal.take() {
+                        return Poll::Ready(());
+                    }
+                    sleep.as_mut().poll(cx)
                 })
-                .await;
-            }
-        });
+                .await
+            }),
+        }
+        // Woken: look at the private epoll if it signalled (if it did not
+        // yet, its signal ends the next wait).
+        if has_fds && self.epoll_signalled.load(Ordering::Acquire) {
+            self.look(io, events);
+        }
+    }
+
+    /// Whether the private epoll may hold events: Tokio saw it signal since
+    /// the last look, or the last look found events (level-triggered ones
+    /// stay ready without signalling again). Otherwise the last look found
+    /// it empty and everything since has signalled through Tokio's reactor.
+    fn look_needed(&self) -> bool {
+        self.epoll_signalled.load(Ordering::Acquire) || self.maybe_ready.load(Ordering::Relaxed)
     }
 
     /// epoll_wait(0) on the private epoll, remembering whether it found
-    /// anything (see `wait`).
-    fn look(&self, events: &mut Events) {
+    /// anything. If Tokio reported it readable, that readiness is cleared
+    /// and the waker registered again first, so that whatever becomes ready
+    /// after this look signals again.
+    fn look(&self, io: &Io, events: &mut Events) {
+        if self.epoll_signalled.swap(false, Ordering::AcqRel) {
+            self.rearm_epoll(io);
+        }
         epoll_wait_now(self.epfd, events);
         self.maybe_ready
             .store(!events.is_empty(), Ordering::Relaxed);
     }
 
+    /// Clear Tokio's readiness of the private epoll and register
+    /// `epoll_waker` for the next. Tokio watches it edge-triggered and only
+    /// its reactor sets readiness, which does not run here: the second poll
+    /// registers (the bound is only a guard).
+    fn rearm_epoll(&self, io: &Io) {
+        let mut cx = std::task::Context::from_waker(&self.epoll_waker);
+        for _ in 0..4 {
+            match io.afd.poll_read_ready(&mut cx) {
+                Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
+                // Pending: registered. Err: the reactor is shutting down.
+                _ => return,
+            }
+        }
+    }
+
     /// One look at everything without sleeping: the reactor (transports'
     /// fds, signals, ...) and the private epoll.
     fn poll_now(&self, io: &Io, has_fds: bool, events: &mut Events) {
-        if self.sources.load(Ordering::Relaxed) > 0 {
+        let polled = self.sources.load(Ordering::Relaxed) > 0;
+        if polled {
             // Let the reactor look at transports' fds once, without
             // sleeping: yield_now makes the scheduler poll the driver
             // with a zero timeout before resuming us.
             io.rt.block_on(tokio::task::yield_now());
         }
-        // The private epoll: one epoll_wait(0), as asyncio's select(0).
-        if has_fds {
-            self.look(events);
+        // The private epoll: one epoll_wait(0), as asyncio's select(0);
+        // when the reactor just ran, only if it may hold something.
+        if has_fds && (!polled || self.look_needed()) {
+            self.look(io, events);
         }
     }
 
@@ -381,7 +446,7 @@ impl Driver {
             // A wake-up that came before the spin began also ends it: the
             // loop has work either way (and the Notify permit it left makes
             // at most one later wait return early, which is harmless).
-            if !events.is_empty() || self.woken.swap(false, Ordering::AcqRel) {
+            if !events.is_empty() || self.signal.take() {
                 return true;
             }
             if start.elapsed() >= limit {
@@ -406,40 +471,4 @@ impl Driver {
         }
         true
     }
-}
-
-async fn sleep_or_forever(timeout: Option<Duration>) {
-    match timeout {
-        Some(t) => tokio::time::sleep(t).await,
-        None => std::future::pending::<()>().await,
-    }
-}
-
-/// Complete when any of the three futures completes (their outputs are not
-/// needed). Written out instead of `tokio::select!` to keep the polled
-/// order fixed and the generated code small.
-async fn race3<A, B, C>(
-    mut a: std::pin::Pin<&mut A>,
-    mut b: std::pin::Pin<&mut B>,
-    mut c: std::pin::Pin<&mut C>,
-) where
-    A: Future,
-    B: Future,
-    C: Future,
-{
-    std::future::poll_fn(|cx| {
-        if a.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        if b.as_mut().poll(cx).is_ready() {
-            // The readiness stays set in Tokio; the next wait clears it
-            // before looking at the epoll (see `wait`).
-            return Poll::Ready(());
-        }
-        if c.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        Poll::Pending
-    })
-    .await
 }
