@@ -115,3 +115,58 @@ def test_ping_pong_with_spin_and_without() -> None:
     spin on (default and maximum) and off."""
     for spin in ("0", "50", "1000"):
         assert _run(PING_PONG, spin) == "2000 True", spin
+
+
+WITH_TRANSPORTS = """
+    import asyncio, socket, threading, time
+    import tokioloop
+
+    N = 300
+
+    def echo(sock):
+        sock.setblocking(True)
+        for i in range(N):
+            data = sock.recv(16)
+            if i % 10 == 0:
+                time.sleep(0.002)          # longer than the spin: the loop sleeps
+            sock.sendall(data)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        # An open connection keeps fds registered with the reactor, so the
+        # private epoll's readiness reaches the loop through the reactor.
+        srv = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        tr, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        t = threading.Thread(target=echo, args=(b,))
+        t.start()
+        got = 0
+        for _ in range(N):
+            await loop.sock_sendall(a, b"x")
+            got += len(await asyncio.wait_for(loop.sock_recv(a, 16), 5))
+        t.join()
+        # add_reader callbacks woken by another thread while the loop sleeps
+        for i in range(50):
+            fut = loop.create_future()
+            loop.add_reader(a, lambda: fut.done() or fut.set_result(a.recv(16)))
+            threading.Timer(0.001 * (i % 3), b.send, args=(b"y",)).start()
+            assert await asyncio.wait_for(fut, 5) == b"y"
+            loop.remove_reader(a)
+        tr.close()
+        srv.close()
+        await srv.wait_closed()
+        a.close(); b.close()
+        print(got)
+
+    tokioloop.run(main())
+"""
+
+
+def test_private_epoll_wakes_a_loop_with_transports() -> None:
+    """add_reader and sock_* readiness wakes a sleeping or spinning loop
+    that also has transports open (their fds and the private epoll are both
+    watched by the reactor); a lost wake-up would show as a 5 s timeout."""
+    for spin in ("0", "50"):
+        assert _run(WITH_TRANSPORTS, spin) == "300", spin
