@@ -172,6 +172,9 @@ pub struct LoopCore {
     /// How long a wait may poll before it sleeps (see Driver::wait);
     /// TOKIOLOOP_SPIN_US, default DEFAULT_SPIN_US.
     spin: Duration,
+    /// The last sock_recv() read DIRECT_READ_MIN bytes or more: the next
+    /// large one reads straight into its bytes object (see sock.rs).
+    pub(crate) big_sock_reads: AtomicBool,
 }
 
 /// Default of TOKIOLOOP_SPIN_US.
@@ -969,6 +972,7 @@ impl LoopCore {
             sources: GilCell::new(FxHashMap::default()),
             read_buf: GilCell::new(Vec::new()),
             spin: spin_limit(),
+            big_sock_reads: AtomicBool::new(false),
         })
     }
 

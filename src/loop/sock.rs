@@ -151,27 +151,58 @@ fn recv_bytes<'py>(
     if n == 0 {
         return Ok(Some(PyBytes::new(py, b"").into_any()));
     }
-    if n <= crate::transports::stream::MAX_READ {
-        // Into the loop's buffer, then exactly what arrived into bytes.
-        let r = lp.with_read_buffer(py, |buf| loop {
-            // SAFETY: `buf` is writable for at least n bytes; fd is the
-            // socket's (a bad fd is reported through errno).
-            let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), n, libc::MSG_DONTWAIT) };
-            if got >= 0 {
-                break Ok(PyBytes::new(py, &buf[..got as usize]));
-            }
-            match errno() {
-                libc::EINTR => continue,
-                e => break Err(e),
-            }
-        });
-        return match r {
-            Ok(b) => Ok(Some(b.into_any())),
-            Err(libc::EAGAIN) => Ok(None),
-            Err(e) => Err(oserror::from_errno(py, e)),
-        };
+    // Reads into the loop's buffer, then exactly what arrived is copied into
+    // bytes; once reads come in large (or can be larger than that buffer)
+    // they go straight into a bytes object of n bytes, shrunk to what
+    // arrived, which saves copying them (as for transports, stream.rs).
+    use crate::transports::stream::{DIRECT_READ_MIN, MAX_READ};
+    let direct =
+        n > MAX_READ || (n >= DIRECT_READ_MIN && lp.big_sock_reads.load(Ordering::Relaxed));
+    let r = if direct {
+        recv_direct(py, fd, n)
+    } else {
+        recv_copy(lp, py, fd, n)
+    };
+    if let Ok(Some((_, got))) = &r {
+        lp.big_sock_reads
+            .store(*got >= DIRECT_READ_MIN, Ordering::Relaxed);
     }
-    // Large reads straight into a bytes object, shrunk to what arrived.
+    r.map(|o| o.map(|(b, _)| b))
+}
+
+/// recv_bytes through the loop's read buffer (n <= MAX_READ).
+fn recv_copy<'py>(
+    lp: &LoopCore,
+    py: Python<'py>,
+    fd: RawFd,
+    n: usize,
+) -> PyResult<Option<(Bound<'py, PyAny>, usize)>> {
+    let r = lp.with_read_buffer(py, |buf| loop {
+        // SAFETY: `buf` is writable for at least MAX_READ >= n bytes; fd
+        // is the socket's (a bad fd is reported through errno).
+        let got = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), n, libc::MSG_DONTWAIT) };
+        if got >= 0 {
+            let got = got as usize;
+            break Ok((PyBytes::new(py, &buf[..got]), got));
+        }
+        match errno() {
+            libc::EINTR => continue,
+            e => break Err(e),
+        }
+    });
+    match r {
+        Ok((b, got)) => Ok(Some((b.into_any(), got))),
+        Err(libc::EAGAIN) => Ok(None),
+        Err(e) => Err(oserror::from_errno(py, e)),
+    }
+}
+
+/// recv_bytes straight into a new bytes object of n bytes.
+fn recv_direct<'py>(
+    py: Python<'py>,
+    fd: RawFd,
+    n: usize,
+) -> PyResult<Option<(Bound<'py, PyAny>, usize)>> {
     extern "C" {
         // Documented C API (Objects/bytesobject.c), not bound by pyo3-ffi.
         fn _PyBytes_Resize(
@@ -209,7 +240,10 @@ fn recv_bytes<'py>(
         return Err(PyErr::fetch(py));
     }
     // SAFETY: a new reference we own.
-    Ok(Some(unsafe { Bound::from_owned_ptr(py, obj) }))
+    Ok(Some((
+        unsafe { Bound::from_owned_ptr(py, obj) },
+        got as usize,
+    )))
 }
 
 /// Run `f` on a contiguous buffer view of `obj` (writable if asked).

@@ -35,7 +35,7 @@ pub(crate) const MAX_READ: usize = 256 * 1024;
 /// Reads at least this large make the next read go straight into a bytes
 /// object of DIRECT_READ bytes, shrunk to what arrived (no copy; for small
 /// reads, copying out of the shared buffer is cheaper than the allocation).
-const DIRECT_READ_MIN: usize = 32 * 1024;
+pub(crate) const DIRECT_READ_MIN: usize = 32 * 1024;
 /// Size of a direct read: the bytes object (data plus CPython's header)
 /// stays under glibc's default mmap threshold (128 KiB), so that even with
 /// malloc untuned a read never costs an mmap/munmap pair.
