@@ -320,7 +320,8 @@ impl Driver {
             return;
         };
         if timeout == Some(Duration::ZERO) {
-            self.poll_now(io, has_fds, events);
+            // A wake-up it consumes is for what the caller takes next.
+            let _ = self.poll_now(io, has_fds, events);
             return;
         }
         let mut timeout = timeout;
@@ -413,8 +414,12 @@ impl Driver {
     }
 
     /// One look at everything without sleeping: the reactor (transports'
-    /// fds, signals, ...) and the private epoll.
-    fn poll_now(&self, io: &Io, has_fds: bool, events: &mut Events) {
+    /// fds, signals, ...) and the private epoll. Returns whether a wake-up
+    /// was signalled (by the reactor just now, or by another thread since
+    /// the last wait), and consumes it: the caller goes on to take the
+    /// ready tokens and the ready queue, which is what a wake-up announces,
+    /// so the next sleep need not end at once for it.
+    fn poll_now(&self, io: &Io, has_fds: bool, events: &mut Events) -> bool {
         let polled = self.sources.load(Ordering::Relaxed) > 0;
         if polled {
             // Let the reactor look at transports' fds once, without
@@ -427,6 +432,7 @@ impl Driver {
         if has_fds && (!polled || self.look_needed()) {
             self.look(io, events);
         }
+        self.signal.take()
     }
 
     /// Poll without sleeping until something is ready or `limit` has
@@ -442,11 +448,9 @@ impl Driver {
     fn spin_wait(&self, io: &Io, limit: Duration, has_fds: bool, events: &mut Events) -> bool {
         let start = Instant::now();
         loop {
-            self.poll_now(io, has_fds, events);
             // A wake-up that came before the spin began also ends it: the
-            // loop has work either way (and the Notify permit it left makes
-            // at most one later wait return early, which is harmless).
-            if !events.is_empty() || self.signal.take() {
+            // loop has work either way.
+            if self.poll_now(io, has_fds, events) || !events.is_empty() {
                 return true;
             }
             if start.elapsed() >= limit {
