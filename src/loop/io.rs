@@ -47,8 +47,9 @@ pub(crate) struct Driver {
     sources: Arc<AtomicUsize>,
     /// Wakes the loop: shared with `ready` and the private epoll's waker.
     signal: Arc<Signal>,
-    /// Tokio saw the private epoll become readable since our last look
-    /// (set by `EpollWaker`, which also re-arms nothing: `rearm_epoll` does).
+    /// Tokio saw the private epoll become readable since our last look (set
+    /// by `EpollWaker`; the next `look` clears it and registers the waker
+    /// again).
     epoll_signalled: Arc<AtomicBool>,
     /// The waker registered for the private epoll's readiness.
     epoll_waker: Waker,
