@@ -23,6 +23,8 @@ KNOWN_LOOPS: tuple[str, ...] = ("asyncio", "uvloop", "rloop", "tokioloop")
 #: Also accepted (not run by default): tokioloop with await-anywhere tasks
 #: on, and tokioloop that never spins before sleeping (TOKIOLOOP_SPIN_US=0).
 VARIANT_LOOPS: tuple[str, ...] = ("tokioloop-anywhere", "tokioloop-nospin")
+#: ``tokioloop@DIR``: the tokioloop package found in DIR (say a copy of
+#: python/ built at another revision), for A/B runs of two builds side by side.
 
 
 class LoopUnavailable(Exception):
@@ -60,8 +62,15 @@ def loop_factory(name: str) -> LoopFactory:
         # read once, when the process makes its first tokioloop loop
         os.environ["TOKIOLOOP_SPIN_US"] = "0"
         factory = _module_factory("tokioloop")
+    elif name.startswith("tokioloop@"):
+        where = os.path.abspath(name.split("@", 1)[1])
+        sys.path.insert(0, where)
+        factory = _module_factory("tokioloop")
+        origin = getattr(sys.modules["tokioloop"], "__file__", None) or ""
+        if not os.path.abspath(origin).startswith(where + os.sep):
+            raise LoopUnavailable(f"tokioloop was imported from {origin}, not from {where}")
     else:
-        known = ", ".join(KNOWN_LOOPS + VARIANT_LOOPS)
+        known = ", ".join(KNOWN_LOOPS + VARIANT_LOOPS + ("tokioloop@DIR",))
         raise LoopUnavailable(f"unknown loop {name!r} (known: {known})")
     try:
         probe = factory()
@@ -77,7 +86,7 @@ def loop_version(name: str) -> str:
     """A version string for the results file ("?" if unknown)."""
     if name == "asyncio":
         return sys.version.split()[0]
-    name = name.split("-")[0]
+    name = name.split("@")[0].split("-")[0]
     try:
         module = importlib.import_module(name)
     except Exception:

@@ -30,6 +30,7 @@ use super::io::{self, Driver};
 use super::job::Job;
 use super::oserror;
 use super::pyobjs;
+use super::recycle::BytesRecycler;
 use super::selector::{Selector, Watcher, READ, WRITE};
 use super::timers::Timers;
 use crate::transports::stream::{StreamCore, MAX_READ};
@@ -169,6 +170,9 @@ pub struct LoopCore {
     sources: GilCell<FxHashMap<u64, Source>>,
     /// One receive buffer for all transports of the loop.
     read_buf: GilCell<Vec<u8>>,
+    /// The bytes object of the last data_received/datagram_received call,
+    /// refilled for the next read when nothing kept it (see recycle.rs).
+    pub(crate) recycler: BytesRecycler,
     /// How long a wait may poll before it sleeps (see Driver::wait);
     /// TOKIOLOOP_SPIN_US, default DEFAULT_SPIN_US.
     spin: Duration,
@@ -971,6 +975,7 @@ impl LoopCore {
             next_token: AtomicU64::new(1),
             sources: GilCell::new(FxHashMap::default()),
             read_buf: GilCell::new(Vec::new()),
+            recycler: BytesRecycler::new(),
             spin: spin_limit(),
             big_sock_reads: AtomicBool::new(false),
         })
@@ -1310,6 +1315,7 @@ impl LoopCore {
         // close their fds), but the loop no longer holds them.
         let sources = self.sources.with(py, std::mem::take);
         drop(sources);
+        self.recycler.clear(py);
         garbage.release(py);
         if !self.driver.close() {
             return Err(PyRuntimeError::new_err("Cannot close a running event loop"));

@@ -12,6 +12,7 @@ pub(crate) mod job;
 mod malloc;
 pub(crate) mod oserror;
 mod pyobjs;
+pub(crate) mod recycle;
 pub(crate) mod selector;
 pub(crate) mod sock;
 mod timers;

@@ -305,7 +305,7 @@ impl DatagramCore {
             if n < 0 {
                 Err(errno())
             } else {
-                Ok(PyBytes::new(py, &buf[..n as usize]))
+                Ok(lp.recycler.make(py, &buf[..n as usize]))
             }
         });
         let (datagram_received, error_received) = match self.callbacks(py) {
@@ -329,7 +329,8 @@ impl DatagramCore {
                     Some(a) => a,
                     None => other_sockaddr_to_py(py, raw),
                 };
-                datagram_received.bind(py).call1((data, addr))?;
+                datagram_received.bind(py).call1((&data.obj, addr))?;
+                lp.recycler.give_back(py, data);
                 Ok(true)
             }
         }

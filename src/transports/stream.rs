@@ -26,6 +26,7 @@ use crate::event_loop::core::LoopCore;
 use crate::event_loop::handle::{copy_context, run_in_context};
 use crate::event_loop::io::Registration;
 use crate::event_loop::job::Job;
+use crate::event_loop::recycle::Made;
 use crate::event_loop::selector::NativeReader;
 
 use super::{Source, READ, WRITE};
@@ -344,31 +345,34 @@ impl StreamCore {
         if buffered {
             return Self::read_buffered(slf);
         }
+        let lp = this.lp(py).get();
         let (outcome, data) = if big_reads {
             Self::read_direct(slf)?
         } else {
-            let lp = this.lp(py).get();
             // Read into the loop's shared buffer (no allocation per read),
-            // then copy exactly what arrived into a bytes object.
+            // then copy exactly what arrived into a bytes object (the one
+            // the last callback gave back, when it fits).
             lp.with_read_buffer(py, |buf| {
                 let outcome = this.st.with(py, |s| this.read_into(s, buf));
                 match outcome {
-                    ReadOutcome::Data(n, _) => (outcome, Some(PyBytes::new(py, &buf[..n]))),
+                    ReadOutcome::Data(n, _) => (outcome, Some(lp.recycler.make(py, &buf[..n]))),
                     o => (o, None),
                 }
             })
         };
         let big = matches!(outcome, ReadOutcome::Data(n, _) if n >= DIRECT_READ_MIN);
         this.st.with(py, |s| s.big_reads = big);
-        Self::after_read(slf, outcome, data)
+        let r = Self::after_read(slf, outcome, data.as_ref().map(|m| &m.obj));
+        if let Some(made) = data {
+            lp.recycler.give_back(py, made);
+        }
+        r
     }
 
     /// One read straight into a new bytes object of DIRECT_READ bytes, shrunk
     /// to the size read (CPython's PyBytesWriter, or pyo3's equivalent on
     /// versions before 3.15).
-    fn read_direct<'py>(
-        slf: &Bound<'py, Self>,
-    ) -> PyResult<(ReadOutcome, Option<Bound<'py, PyBytes>>)> {
+    fn read_direct<'py>(slf: &Bound<'py, Self>) -> PyResult<(ReadOutcome, Option<Made<'py>>)> {
         let py = slf.py();
         let this = slf.get();
         // SAFETY: the writer API is used as documented: Create returns a
@@ -390,7 +394,10 @@ impl StreamCore {
                 ReadOutcome::Data(n, _) => {
                     let obj = ffi::compat::PyBytesWriter_FinishWithSize(w, n as ffi::Py_ssize_t);
                     let obj = Bound::from_owned_ptr_or_err(py, obj)?;
-                    Ok((outcome, Some(obj.cast_into_unchecked::<PyBytes>())))
+                    Ok((
+                        outcome,
+                        Some(Made::new(obj.cast_into_unchecked::<PyBytes>())),
+                    ))
                 }
                 o => {
                     ffi::compat::PyBytesWriter_Discard(w);
@@ -443,7 +450,7 @@ impl StreamCore {
     fn after_read(
         slf: &Bound<'_, Self>,
         outcome: ReadOutcome,
-        data: Option<Bound<'_, PyBytes>>,
+        data: Option<&Bound<'_, PyBytes>>,
     ) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
