@@ -1277,16 +1277,22 @@ impl LoopCore {
     fn _run_forever_native(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
         let mut rs = RunState::new();
-        loop {
+        // One block_on on the reactor for the whole run (see run_session).
+        this.driver.run_session(|| loop {
             Self::run_once(slf, &mut rs)?;
             if this.stopping.load(Ordering::Relaxed) {
                 return Ok(());
             }
-        }
+        })
     }
 
     /// One iteration (asyncio's `_run_once`), for code that drives loops by hand.
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
+        if slf.get().driver.in_foreign_session() {
+            return Err(PyRuntimeError::new_err(
+                "Cannot run the event loop while another loop is running",
+            ));
+        }
         Self::run_once(slf, &mut RunState::new())
     }
 
