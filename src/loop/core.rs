@@ -54,7 +54,7 @@ pub(crate) struct RunState {
     tokens: Vec<(u64, u8)>,
     /// Jobs of the sources `tokens` named (kept to reuse its allocation).
     woken: Vec<Job>,
-    /// Waits left before the loop spins again (see `spin_policy`).
+    /// Waits left before the loop spins again (see `spin_paid`).
     spin_skip: u32,
     /// How many waits the next miss pauses spinning for.
     spin_pause: u32,
@@ -260,6 +260,18 @@ impl LoopCore {
             }
             f(b)
         })
+    }
+
+    /// Another loop's run is open in this thread (Driver::run_session):
+    /// this one cannot block on its own runtime, as asyncio refuses nested
+    /// runs of two loops.
+    fn check_no_foreign_session(&self) -> PyResult<()> {
+        if self.driver.in_foreign_session() {
+            return Err(PyRuntimeError::new_err(
+                "Cannot run the event loop while another loop is running",
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn new_op_id(&self) -> u64 {
@@ -1301,6 +1313,7 @@ impl LoopCore {
     /// does asyncio's set-up and clean-up around it.
     fn _run_forever_native(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
+        this.check_no_foreign_session()?;
         let mut rs = RunState::new();
         // One block_on on the reactor for the whole run (see run_session).
         this.driver.run_session(|| loop {
@@ -1313,11 +1326,7 @@ impl LoopCore {
 
     /// One iteration (asyncio's `_run_once`), for code that drives loops by hand.
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
-        if slf.get().driver.in_foreign_session() {
-            return Err(PyRuntimeError::new_err(
-                "Cannot run the event loop while another loop is running",
-            ));
-        }
+        slf.get().check_no_foreign_session()?;
         Self::run_once(slf, &mut RunState::new())
     }
 

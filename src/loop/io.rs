@@ -450,11 +450,12 @@ impl Driver {
         if !active.co.is_null() && std::ptr::eq(active.driver, self) {
             // SAFETY: SESSION points at the session coroutine of this driver
             // while `run_session` (further up this thread's stack) is in its
-            // scope, and only then (it is reset before the scope ends). The
-            // coroutine is suspended: it is only resumed here, never from its
-            // own stack (it runs no code that waits), and this thread is not
-            // inside it. The `&mut` made here is the only one alive: the
-            // session's own reference is not used until the scope ends.
+            // scope, and only then (the guard resets it before the scope
+            // ends). The coroutine is suspended: it is only resumed here and
+            // by the guard's drop, never from its own stack (it runs no code
+            // that waits), and this thread is not inside it. Every access
+            // goes through this same raw pointer (the guard keeps no
+            // reference), so the `&mut` made here is the only one alive.
             let co = unsafe { &mut *active.co.cast::<Reactor<'_>>() };
             co.resume(req);
             return;
@@ -567,18 +568,25 @@ thread_local! {
 }
 
 /// Publishes a session in SESSION for its scope, and ends it (the block_on
-/// returns, restoring Tokio's thread-locals) however the scope is left.
+/// returns, restoring Tokio's thread-locals) however the scope is left. It
+/// holds the coroutine as the raw pointer SESSION publishes, borrowed
+/// exclusively for `'s`, so that `block` and the guard use one pointer.
 struct SessionGuard<'s, 'a> {
-    co: &'s mut Reactor<'a>,
+    co: *mut Reactor<'a>,
+    _borrow: std::marker::PhantomData<&'s mut Reactor<'a>>,
 }
 
 impl<'s, 'a> SessionGuard<'s, 'a> {
     fn open(driver: &Driver, co: &'s mut Reactor<'a>) -> Self {
+        let co: *mut Reactor<'a> = co;
         SESSION.set(Active {
             driver,
-            co: (co as *mut Reactor<'a>).cast(),
+            co: co.cast(),
         });
-        SessionGuard { co }
+        SessionGuard {
+            co,
+            _borrow: std::marker::PhantomData,
+        }
     }
 }
 
@@ -588,11 +596,16 @@ impl Drop for SessionGuard<'_, '_> {
             driver: std::ptr::null(),
             co: std::ptr::null_mut(),
         });
+        // SAFETY: `co` comes from the `&'s mut` given to `open`, which this
+        // guard borrows for its whole life; SESSION no longer publishes it,
+        // and `block` is not running (we are on the loop's stack, outside
+        // any resume), so this is the only reference.
+        let co = unsafe { &mut *self.co };
         // A session that never waited has not entered the runtime; one that
         // did is suspended inside its future and finishes its block_on. (If
         // the coroutine panicked it is done and there is nothing to end.)
-        if self.co.started() && !self.co.done() {
-            self.co.resume(Block::Finish);
+        if co.started() && !co.done() {
+            co.resume(Block::Finish);
         }
     }
 }

@@ -100,7 +100,8 @@ fn refill(obj: &Bound<'_, PyBytes>, data: &[u8]) {
     use pyo3::ffi;
     let p = obj.as_ptr();
     debug_assert!(only_ours(obj));
-    // SAFETY: `p` is an exact bytes object (made by PyBytes::new) whose only
+    // SAFETY: `p` is an exact bytes object made by the loop (PyBytes::new or
+    // the bytes writer of a direct read, see `Made`) whose only
     // reference is `obj`, held by the loop's thread with the GIL, so no other
     // code can observe the change. Its allocation holds the header plus
     // `cap` >= data.len() bytes plus a NUL (CPython allocates
