@@ -36,7 +36,7 @@ mod anywhere;
 mod core;
 mod pyfiber;
 mod shim;
-mod stack;
+pub(crate) mod stack;
 
 /// Default virtual size of a fiber's C stack (a thread's default).
 const DEFAULT_STACK: usize = 8 << 20;
