@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Poll, Wake, Waker};
 use std::time::{Duration, Instant};
@@ -451,7 +451,7 @@ impl Driver {
     /// Run the reactor for one request: in this thread's session when one
     /// is open for this driver, else in a block_on of its own.
     fn block(&self, io: &Io, req: Block) {
-        let active = SESSION.get();
+        let active = current_session();
         if !active.co.is_null() && std::ptr::eq(active.driver, self) {
             // SAFETY: SESSION points at the session coroutine of this driver
             // while `run_session` (further up this thread's stack) is in its
@@ -493,7 +493,7 @@ impl Driver {
     /// lets the hand-driven `_run_once` say so. A nested run of this same
     /// loop reuses the session.
     pub(crate) fn run_session<R>(&self, f: impl FnOnce() -> R) -> R {
-        if !SESSION.get().co.is_null() {
+        if !current_session().co.is_null() {
             return f();
         }
         let g = self.io.read().unwrap_or_else(|e| e.into_inner());
@@ -540,7 +540,7 @@ impl Driver {
     /// Whether another driver's session is open in this thread (its loop is
     /// running here), so that this one cannot block on its runtime.
     pub(crate) fn in_foreign_session(&self) -> bool {
-        let active = SESSION.get();
+        let active = current_session();
         !active.co.is_null() && !std::ptr::eq(active.driver, self)
     }
 
@@ -572,20 +572,66 @@ enum Block {
 /// The session coroutine as the loop's thread sees it while it is open.
 type Reactor<'a, 's> = ScopedCoroutineRef<'a, Block, (), (), &'s mut FiberStack>;
 
-/// The open session of this thread, if any: its driver and coroutine.
+/// The open session of this thread, if any: its driver and coroutine, and
+/// the fork generation it was opened in.
 #[derive(Clone, Copy)]
 struct Active {
     driver: *const Driver,
     co: *mut (),
+    fork_gen: u64,
 }
 
+const NO_SESSION: Active = Active {
+    driver: std::ptr::null(),
+    co: std::ptr::null_mut(),
+    fork_gen: 0,
+};
+
 thread_local! {
-    static SESSION: Cell<Active> = const {
-        Cell::new(Active {
-            driver: std::ptr::null(),
-            co: std::ptr::null_mut(),
-        })
-    };
+    static SESSION: Cell<Active> = const { Cell::new(NO_SESSION) };
+}
+
+/// How many times this process is a fork()ed child of a process that had
+/// loaded tokioloop (counted by a pthread_atfork handler).
+static FORK_GEN: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn after_fork_in_child() {
+    FORK_GEN.fetch_add(1, Ordering::Relaxed);
+}
+
+fn fork_generation() -> u64 {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: registers a child handler that only increments an atomic
+        // (async-signal-safe); nothing else is registered.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
+    FORK_GEN.load(Ordering::Relaxed)
+}
+
+/// This thread's open session. A session inherited through fork() (a
+/// callback of a running loop forked: the child is a copy of this thread,
+/// inside the parent's run) is ended first: its coroutine, a copy in the
+/// child's memory, is resumed to finish its block_on, which restores
+/// Tokio's thread-locals, so that the child can run loops of its own (as
+/// multiprocessing's fork start method does). The child's copy of the
+/// parent's run, if the child ever returns into it, then waits without a
+/// session (its guard finds the coroutine done).
+fn current_session() -> Active {
+    let active = SESSION.get();
+    if active.co.is_null() || active.fork_gen == FORK_GEN.load(Ordering::Relaxed) {
+        return active;
+    }
+    SESSION.set(NO_SESSION);
+    // SAFETY: as in `Driver::block`: the pointer is the session coroutine
+    // of a run further up this (forked) thread's stack, suspended, and
+    // SESSION no longer publishes it. The child has only this thread, so
+    // nothing else touches the copied runtime while its block_on exits.
+    let co = unsafe { &mut *active.co.cast::<Reactor<'_, '_>>() };
+    if co.started() && !co.done() {
+        co.resume(Block::Finish);
+    }
+    NO_SESSION
 }
 
 /// Publishes a session in SESSION for its scope, and ends it (the block_on
@@ -603,6 +649,7 @@ impl<'g, 'a, 's> SessionGuard<'g, 'a, 's> {
         SESSION.set(Active {
             driver,
             co: co.cast(),
+            fork_gen: fork_generation(),
         });
         SessionGuard {
             co,
@@ -613,10 +660,7 @@ impl<'g, 'a, 's> SessionGuard<'g, 'a, 's> {
 
 impl Drop for SessionGuard<'_, '_, '_> {
     fn drop(&mut self) {
-        SESSION.set(Active {
-            driver: std::ptr::null(),
-            co: std::ptr::null_mut(),
-        });
+        SESSION.set(NO_SESSION);
         // SAFETY: `co` comes from the `&'g mut` given to `open`, which this
         // guard borrows for its whole life; SESSION no longer publishes it,
         // and `block` is not running (we are on the loop's stack, outside

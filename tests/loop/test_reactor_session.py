@@ -8,8 +8,10 @@ open, other loops may still be created, used and closed from callbacks."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
+import warnings
 
 import pytest
 
@@ -136,6 +138,38 @@ def test_loop_runs_in_one_thread_then_another() -> None:
         t.start()
         t.join(30)
         assert out == [b"ping"]
+        assert lp.run_until_complete(_echo_once(lp)) == b"ping"
+    finally:
+        lp.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_inside_a_run_runs_loops_of_its_own() -> None:
+    """The child of a fork() made inside a run (multiprocessing's fork start
+    method from a coroutine) is a copy of the thread inside that run; it must
+    still be able to run new loops, waits included."""
+    lp = tokioloop.new_event_loop()
+    try:
+
+        async def main() -> int:
+            await asyncio.sleep(0.001)  # the run has waited: its session is open
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+                pid = os.fork()
+            if pid == 0:
+                code = 3
+                try:
+                    child = tokioloop.new_event_loop()
+                    ok = child.run_until_complete(_echo_once(child)) == b"ping"
+                    ok = ok and child.run_until_complete(_echo_once(child)) == b"ping"
+                    child.close()
+                    code = 0 if ok else 2
+                finally:
+                    os._exit(code)
+            _, status = await lp.run_in_executor(None, os.waitpid, pid, 0)
+            return os.waitstatus_to_exitcode(status)
+
+        assert lp.run_until_complete(main()) == 0
         assert lp.run_until_complete(_echo_once(lp)) == b"ping"
     finally:
         lp.close()
