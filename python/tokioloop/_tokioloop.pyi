@@ -141,6 +141,12 @@ def _fiber_stack_use() -> tuple[int, int, int] | None: ...
 
 # ---- the loop core (src/loop) -------------------------------------------
 
+# The spin policy's measurement (src/loop/spin.rs), for tests: decisions over
+# made-up epochs of (CPU microseconds, jobs), and its constants (waits per
+# epoch, epochs kept, measured epochs, tie factor).
+def _spin_policy_replay(epochs: list[tuple[float, int]], /) -> list[bool]: ...
+def _spin_policy_constants() -> tuple[int, int, int, float]: ...
+
 class Handle:
     """What call_soon() returns: asyncio.Handle's API."""
 

@@ -32,6 +32,7 @@ use super::oserror;
 use super::pyobjs;
 use super::recycle::BytesRecycler;
 use super::selector::{Selector, Watcher, READ, WRITE};
+use super::spin::SpinPolicy;
 use super::timers::Timers;
 use crate::transports::stream::{StreamCore, MAX_READ};
 use crate::transports::Source;
@@ -54,28 +55,14 @@ pub(crate) struct RunState {
     tokens: Vec<(u64, u8)>,
     /// Jobs of the sources `tokens` named (kept to reuse its allocation).
     woken: Vec<Job>,
-    /// Waits left before the loop spins again (see `spin_paid`).
-    spin_skip: u32,
-    /// How many waits the next miss pauses spinning for.
-    spin_pause: u32,
-}
-
-/// The longest pause of the spin after misses in a row, in waits.
-const MAX_SPIN_PAUSE: u32 = 64;
-
-/// Whether a spin that ended after `elapsed` paid for itself: it caught the
-/// work within a quarter of its limit. Spinning costs the CPU time it
-/// lasts, sleeping costs a sleep and a wake-up (a few microseconds on a
-/// VM): a spin that polls for longer than that loses CPU even when it
-/// catches the work (one connection echoing 100 KiB: the client turns a
-/// message around in 30-50 us; spinning through that doubled the CPU per
-/// request), and one that runs out loses its whole length.
-fn spin_paid(elapsed: Duration, limit: Duration) -> bool {
-    elapsed <= limit / 4
+    /// Whether and how long idle waits spin (see spin.rs).
+    spin: SpinPolicy,
+    /// Jobs run so far (the spin policy's measure of work done).
+    jobs: u64,
 }
 
 impl RunState {
-    fn new() -> Self {
+    fn new(spin: Duration) -> Self {
         RunState {
             batch: VecDeque::new(),
             events: io::new_events(),
@@ -84,8 +71,8 @@ impl RunState {
             garbage: Garbage::default(),
             tokens: Vec::new(),
             woken: Vec::new(),
-            spin_skip: 0,
-            spin_pause: 0,
+            spin: SpinPolicy::new(spin),
+            jobs: 0,
         }
     }
 }
@@ -694,25 +681,13 @@ impl LoopCore {
             if busy {
                 py.detach(|| this.driver.wait(timeout, Duration::ZERO, has_fds, events));
             } else {
-                let limit = this.spin;
-                if limit.is_zero() {
-                    py.detach(|| this.driver.wait(timeout, limit, has_fds, events));
-                } else if rs.spin_skip > 0 {
-                    // Pausing after a spin that did not pay.
-                    rs.spin_skip -= 1;
-                    py.detach(|| this.driver.wait(timeout, Duration::ZERO, has_fds, events));
+                let spin = rs.spin.next_wait(rs.jobs);
+                if spin.is_zero() {
+                    py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
                 } else {
                     let start = std::time::Instant::now();
-                    py.detach(|| this.driver.wait(timeout, limit, has_fds, events));
-                    // Spin again next time if this one paid; else pause,
-                    // twice as long after each miss in a row, so that an
-                    // idle or slow-paced loop only tries now and then.
-                    if spin_paid(start.elapsed(), limit) {
-                        rs.spin_pause = 0;
-                    } else {
-                        rs.spin_pause = (rs.spin_pause * 2).clamp(1, MAX_SPIN_PAUSE);
-                        rs.spin_skip = rs.spin_pause;
-                    }
+                    py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
+                    rs.spin.spun(start.elapsed());
                 }
             }
         }
@@ -818,6 +793,7 @@ impl LoopCore {
         let this = slf.get();
         let debug = this.debug();
         let batch = &mut rs.batch;
+        rs.jobs += batch.len() as u64;
         while let Some(job) = batch.pop_front() {
             let res = if debug {
                 Self::run_job_debug(slf, job)
@@ -1314,7 +1290,7 @@ impl LoopCore {
     fn _run_forever_native(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
         this.check_no_foreign_session()?;
-        let mut rs = RunState::new();
+        let mut rs = RunState::new(this.spin);
         // One block_on on the reactor for the whole run (see run_session).
         this.driver.run_session(|| loop {
             Self::run_once(slf, &mut rs)?;
@@ -1327,7 +1303,7 @@ impl LoopCore {
     /// One iteration (asyncio's `_run_once`), for code that drives loops by hand.
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
         slf.get().check_no_foreign_session()?;
-        Self::run_once(slf, &mut RunState::new())
+        Self::run_once(slf, &mut RunState::new(slf.get().spin))
     }
 
     /// Number of callbacks ready to run (asyncio's `len(loop._ready)`).

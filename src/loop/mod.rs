@@ -15,6 +15,7 @@ mod pyobjs;
 pub(crate) mod recycle;
 pub(crate) mod selector;
 pub(crate) mod sock;
+mod spin;
 mod timers;
 
 use pyo3::prelude::*;
@@ -22,6 +23,8 @@ use pyo3::prelude::*;
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<core::LoopCore>()?;
     handle::register(m)?;
+    m.add_function(wrap_pyfunction!(spin::_spin_policy_replay, m)?)?;
+    m.add_function(wrap_pyfunction!(spin::_spin_policy_constants, m)?)?;
     fastcall::install(m.py())?;
     Ok(())
 }

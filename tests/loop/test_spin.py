@@ -1,8 +1,11 @@
 """Before it sleeps, the loop polls for a short while (TOKIOLOOP_SPIN_US,
 see Driver::wait in src/loop/io.rs), but only while its waits are short:
 a loop whose waits outlast the spin stops spinning, so an idle or slow-paced
-loop does not burn CPU. Each check runs in a fresh interpreter because the
-setting is read once per process."""
+loop does not burn CPU; and only while spinning costs less CPU per job run
+than sleeping, which the loop measures now and then (src/loop/spin.rs).
+The process checks run in a fresh interpreter because the setting is read
+once per process; the measurement's decisions are replayed over made-up
+epochs."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+from tokioloop import _tokioloop
 
 
 def _run(code: str, spin_us: str) -> str:
@@ -170,3 +175,64 @@ def test_private_epoll_wakes_a_loop_with_transports() -> None:
     watched by the reactor); a lost wake-up would show as a 5 s timeout."""
     for spin in ("0", "50"):
         assert _run(WITH_TRANSPORTS, spin) == "300", spin
+
+
+EPOCH_WAITS, HOLD, PROBED, TIE = _tokioloop._spin_policy_constants()
+
+
+def _measured(
+    spin_cost: tuple[float, int], sleep_cost: tuple[float, int]
+) -> list[tuple[float, int]]:
+    """One unmeasured epoch, then a measurement (spin, sleep, sleep, spin)
+    in which each epoch used the given (CPU us, jobs), then the hold."""
+    probe = [spin_cost, sleep_cost, sleep_cost, spin_cost]
+    assert len(probe) == PROBED
+    return [(0.0, 0)] + probe + [(0.0, 0)] * HOLD
+
+
+def test_spin_policy_constants_are_sane() -> None:
+    assert EPOCH_WAITS >= 64
+    assert HOLD >= 10
+    assert 1.0 <= TIE < 1.1
+
+
+def test_spin_policy_measures_spinning_against_sleeping() -> None:
+    """The first epoch spins unmeasured; the measurement spins, sleeps,
+    sleeps, spins; then the cheaper way is kept for HOLD epochs, after which
+    the next measurement starts (spinning)."""
+    out = _tokioloop._spin_policy_replay(_measured((100.0, 100), (150.0, 100)))
+    assert out[:5] == [True, True, False, False, True]
+    assert out[5 : 5 + HOLD] == [True] * HOLD
+    assert out[5 + HOLD] is True
+
+    out = _tokioloop._spin_policy_replay(_measured((150.0, 100), (100.0, 100)))
+    assert out[:5] == [True, True, False, False, True]
+    assert out[5 : 5 + HOLD] == [False] * HOLD
+    assert out[5 + HOLD] is True  # measuring again
+
+
+def test_spin_policy_compares_cpu_per_job() -> None:
+    """A way that ran more jobs in its epochs is charged per job, not per
+    epoch; a difference within the tie factor keeps spinning (it answers
+    sooner); a way that ran no job at all (an idle loop) means sleeping."""
+    assert _tokioloop._spin_policy_replay(_measured((200.0, 200), (150.0, 100)))[5] is True
+    assert _tokioloop._spin_policy_replay(_measured((150.0, 100), (200.0, 200)))[5] is False
+    within = 100.0 * (1 + (TIE - 1) / 2)
+    beyond = 100.0 * (TIE + 0.02)
+    assert _tokioloop._spin_policy_replay(_measured((within, 100), (100.0, 100)))[5] is True
+    assert _tokioloop._spin_policy_replay(_measured((beyond, 100), (100.0, 100)))[5] is False
+    assert _tokioloop._spin_policy_replay(_measured((0.0, 0), (0.0, 0)))[5] is False
+    assert _tokioloop._spin_policy_replay(_measured((10.0, 100), (10.0, 0)))[5] is False
+
+
+def test_spin_policy_follows_a_change_of_load() -> None:
+    """Each measurement starts afresh: a load for which sleeping became
+    cheaper turns spinning off at the next measurement, and back on at the
+    one after when spinning is cheaper again."""
+    spin_cheap = _measured((100.0, 100), (150.0, 100))[1:]
+    sleep_cheap = _measured((150.0, 100), (100.0, 100))[1:]
+    out = _tokioloop._spin_policy_replay([(0.0, 0)] + spin_cheap + sleep_cheap + spin_cheap)
+    period = PROBED + HOLD
+    assert out[1 + PROBED] is True
+    assert out[1 + period + PROBED] is False
+    assert out[1 + 2 * period + PROBED] is True
