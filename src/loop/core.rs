@@ -180,6 +180,9 @@ pub struct LoopCore {
     /// The last sock_recv() read DIRECT_READ_MIN bytes or more: the next
     /// large one reads straight into its bytes object (see sock.rs).
     pub(crate) big_sock_reads: AtomicBool,
+    /// Bytes read by transports and sock_recv() so far (the spin policy's
+    /// measure of work done, see spin.rs). Only the loop's thread writes it.
+    bytes_read: AtomicU64,
 }
 
 /// Default of TOKIOLOOP_SPIN_US.
@@ -240,6 +243,15 @@ impl LoopCore {
     }
 
     /// Run `f` on the loop's receive buffer (MAX_READ bytes).
+    /// Count `n` bytes read by a transport or sock_recv() (see `bytes_read`).
+    #[inline]
+    pub(crate) fn count_read(&self, n: usize) {
+        // Only the loop's thread counts: a plain load and store suffice.
+        let total = self.bytes_read.load(Ordering::Relaxed);
+        self.bytes_read
+            .store(total.wrapping_add(n as u64), Ordering::Relaxed);
+    }
+
     pub(crate) fn with_read_buffer<R>(&self, py: Python<'_>, f: impl FnOnce(&mut [u8]) -> R) -> R {
         self.read_buf.with(py, |b| {
             if b.len() < MAX_READ {
@@ -681,7 +693,9 @@ impl LoopCore {
             if busy {
                 py.detach(|| this.driver.wait(timeout, Duration::ZERO, has_fds, events));
             } else {
-                let spin = rs.spin.next_wait(rs.jobs);
+                let spin = rs
+                    .spin
+                    .next_wait(rs.jobs, this.bytes_read.load(Ordering::Relaxed));
                 if spin.is_zero() {
                     py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
                 } else {
@@ -991,6 +1005,7 @@ impl LoopCore {
             recycler: BytesRecycler::new(),
             spin: spin_limit(),
             big_sock_reads: AtomicBool::new(false),
+            bytes_read: AtomicU64::new(0),
         })
     }
 

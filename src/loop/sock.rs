@@ -164,6 +164,7 @@ fn recv_bytes<'py>(
         recv_copy(lp, py, fd, n)
     };
     if let Ok(Some((_, got))) = &r {
+        lp.count_read(*got);
         lp.big_sock_reads
             .store(*got >= DIRECT_READ_MIN, Ordering::Relaxed);
     }

@@ -9,9 +9,13 @@
 //! a Protocol echo by 10-20% (its server has less to do per request, so
 //! waking up costs it less than polling through the client's turnaround).
 //! So the loop measures: now and then it runs a few hundred waits spinning
-//! and as many sleeping, compares its own CPU time per job run (callbacks
-//! and I/O) between them, and keeps the cheaper way until the next
-//! measurement. Within a spinning stretch a spin that did not catch work
+//! and as many sleeping, compares its own CPU time per unit of work between
+//! them, and keeps the cheaper way until the next measurement. The unit is
+//! a byte read (by transports, datagram endpoints and sock_recv) when both
+//! ways read some, else a job run (a callback or an I/O event): a spin
+//! catches a large message in more, smaller reads than a sleep does (one
+//! connection echoing 100 KiB: two reads per message instead of one), so
+//! per job it looked cheaper while it cost 10-20% more per message. Within a spinning stretch a spin that did not catch work
 //! quickly pauses spinning for a while (`spin_paid`), so an idle or
 //! slow-paced loop sleeps as asyncio's does.
 
@@ -64,10 +68,11 @@ pub(crate) struct SpinPolicy {
     hold_left: u32,
     /// Idle waits so far in this epoch.
     waits: u32,
-    /// CPU time and jobs run when the epoch began (measured epochs only).
-    start: (Duration, u64),
-    /// CPU time and jobs of the measured epochs: [sleeping, spinning].
-    cost: [(Duration, u64); 2],
+    /// CPU time, jobs run and bytes read when the epoch began (measured
+    /// epochs only).
+    start: Work,
+    /// What the measured epochs used: [sleeping, spinning].
+    cost: [Work; 2],
     /// Waits left before spinning again after a spin that did not pay.
     skip: u32,
     /// How many waits the next miss pauses spinning for.
@@ -84,16 +89,17 @@ impl SpinPolicy {
             probe: None,
             hold_left: 1,
             waits: 0,
-            start: (Duration::ZERO, 0),
-            cost: [(Duration::ZERO, 0); 2],
+            start: Work::ZERO,
+            cost: [Work::ZERO; 2],
             skip: 0,
             pause: 0,
         }
     }
 
     /// How long the idle wait about to start may poll before it sleeps.
-    /// `jobs` is the run's count of jobs run so far.
-    pub(crate) fn next_wait(&mut self, jobs: u64) -> Duration {
+    /// `jobs` and `bytes` are the run's counts of jobs run and the loop's
+    /// of bytes read so far.
+    pub(crate) fn next_wait(&mut self, jobs: u64, bytes: u64) -> Duration {
         if self.limit.is_zero() {
             return Duration::ZERO;
         }
@@ -101,16 +107,11 @@ impl SpinPolicy {
         if self.waits > EPOCH_WAITS {
             self.waits = 1;
             // The clock is read only around measured epochs.
-            let now = self.probe.map(|_| (thread_cpu_time(), jobs));
-            let used = now.map_or((Duration::ZERO, 0), |(cpu, jobs)| {
-                (
-                    cpu.saturating_sub(self.start.0),
-                    jobs.saturating_sub(self.start.1),
-                )
-            });
+            let now = self.probe.map(|_| Work::now(jobs, bytes));
+            let used = now.map_or(Work::ZERO, |now| now.since(&self.start));
             self.end_epoch(used);
             if self.probe.is_some() {
-                self.start = now.unwrap_or_else(|| (thread_cpu_time(), jobs));
+                self.start = now.unwrap_or_else(|| Work::now(jobs, bytes));
             }
         }
         if !self.spinning {
@@ -137,20 +138,21 @@ impl SpinPolicy {
         }
     }
 
-    /// An epoch ended having used `used` (CPU time, jobs; only measured
-    /// while probing): move through the measurement or the hold.
-    fn end_epoch(&mut self, used: (Duration, u64)) {
+    /// An epoch ended having used `used` (only measured while probing):
+    /// move through the measurement or the hold.
+    fn end_epoch(&mut self, used: Work) {
         match self.probe {
             Some(i) => {
                 let c = &mut self.cost[usize::from(self.spinning)];
-                c.0 += used.0;
-                c.1 += used.1;
+                c.cpu += used.cpu;
+                c.jobs += used.jobs;
+                c.bytes += used.bytes;
                 if i + 1 < PROBE.len() {
                     self.probe = Some(i + 1);
                     self.spinning = PROBE[i + 1];
                 } else {
                     self.spinning = spin_is_cheaper(self.cost);
-                    self.cost = [(Duration::ZERO, 0); 2];
+                    self.cost = [Work::ZERO; 2];
                     self.probe = None;
                     self.hold_left = HOLD_EPOCHS;
                 }
@@ -171,31 +173,73 @@ impl SpinPolicy {
     }
 }
 
-/// Whether spinning cost at most TIE times sleeping's CPU per job. A way
-/// that ran no job (an idle loop) tells nothing: then sleep.
-fn spin_is_cheaper(cost: [(Duration, u64); 2]) -> bool {
-    let [(sleep_cpu, sleep_jobs), (spin_cpu, spin_jobs)] = cost;
-    if sleep_jobs == 0 || spin_jobs == 0 {
+/// CPU time and work done (a point in time, or what a stretch used).
+#[derive(Clone, Copy)]
+struct Work {
+    cpu: Duration,
+    jobs: u64,
+    bytes: u64,
+}
+
+impl Work {
+    const ZERO: Work = Work {
+        cpu: Duration::ZERO,
+        jobs: 0,
+        bytes: 0,
+    };
+
+    fn now(jobs: u64, bytes: u64) -> Work {
+        Work {
+            cpu: thread_cpu_time(),
+            jobs,
+            bytes,
+        }
+    }
+
+    fn since(&self, start: &Work) -> Work {
+        Work {
+            cpu: self.cpu.saturating_sub(start.cpu),
+            jobs: self.jobs.wrapping_sub(start.jobs),
+            bytes: self.bytes.wrapping_sub(start.bytes),
+        }
+    }
+}
+
+/// Whether spinning cost at most TIE times sleeping's CPU per unit of
+/// work: per byte read when both ways read some, else per job run. A way
+/// that did neither (an idle loop) tells nothing: then sleep.
+fn spin_is_cheaper(cost: [Work; 2]) -> bool {
+    let [sleep, spin] = cost;
+    let (sleep_units, spin_units) = if sleep.bytes > 0 && spin.bytes > 0 {
+        (sleep.bytes, spin.bytes)
+    } else {
+        (sleep.jobs, spin.jobs)
+    };
+    if sleep_units == 0 || spin_units == 0 {
         return false;
     }
-    let per_job = |cpu: Duration, jobs: u64| cpu.as_secs_f64() / jobs as f64;
-    per_job(spin_cpu, spin_jobs) <= per_job(sleep_cpu, sleep_jobs) * TIE
+    let per_unit = |cpu: Duration, units: u64| cpu.as_secs_f64() / units as f64;
+    per_unit(spin.cpu, spin_units) <= per_unit(sleep.cpu, sleep_units) * TIE
 }
 
 /// Replay of the policy's choices over made-up epochs, for tests: each item
-/// is one epoch's (CPU microseconds, jobs run), as a measurement would have
-/// read them (ignored while a choice is kept); returns whether each epoch,
-/// and the one after the last, spins.
+/// is one epoch's (CPU microseconds, jobs run, bytes read), as a
+/// measurement would have read them (ignored while a choice is kept);
+/// returns whether each epoch, and the one after the last, spins.
 #[pyo3::pyfunction]
-pub(crate) fn _spin_policy_replay(epochs: Vec<(f64, u64)>) -> Vec<bool> {
+pub(crate) fn _spin_policy_replay(epochs: Vec<(f64, u64, u64)>) -> Vec<bool> {
     let mut p = SpinPolicy::new(Duration::from_micros(50));
     let mut out = Vec::with_capacity(epochs.len() + 1);
-    for (cpu_us, jobs) in epochs {
+    for (cpu_us, jobs, bytes) in epochs {
         out.push(p.spinning());
         let used = if p.probe.is_some() {
-            (Duration::from_secs_f64(cpu_us.max(0.0) / 1e6), jobs)
+            Work {
+                cpu: Duration::from_secs_f64(cpu_us.max(0.0) / 1e6),
+                jobs,
+                bytes,
+            }
         } else {
-            (Duration::ZERO, 0)
+            Work::ZERO
         };
         p.end_epoch(used);
     }

@@ -305,6 +305,7 @@ impl DatagramCore {
             if n < 0 {
                 Err(errno())
             } else {
+                lp.count_read(n as usize);
                 Ok(lp.recycler.make(py, &buf[..n as usize]))
             }
         });

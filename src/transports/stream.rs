@@ -461,7 +461,8 @@ impl StreamCore {
             }
             ReadOutcome::Error(e) => Self::fatal(slf, os_error(py, e), this.read_error_message()),
             ReadOutcome::Eof => Self::on_eof(slf),
-            ReadOutcome::Data(_, short) => {
+            ReadOutcome::Data(n, short) => {
+                this.lp(py).get().count_read(n);
                 let (cb, proto) = this.st.with(py, |s| match s.cb.as_ref() {
                     Some(c) => (
                         c.data_received.as_ref().map(|f| f.clone_ref(py)),
@@ -587,6 +588,7 @@ impl StreamCore {
         };
         match outcome {
             ReadOutcome::Data(n, short) => {
+                this.lp(py).get().count_read(n);
                 if let Err(e) = buffer_updated.bind(py).call1((n,)) {
                     if is_base_exit(py, &e) {
                         return Err(e);

@@ -179,15 +179,20 @@ def test_private_epoll_wakes_a_loop_with_transports() -> None:
 
 EPOCH_WAITS, HOLD, PROBED, TIE = _tokioloop._spin_policy_constants()
 
+Epoch = tuple[float, int, int]  # CPU microseconds, jobs run, bytes read
 
-def _measured(
-    spin_cost: tuple[float, int], sleep_cost: tuple[float, int]
-) -> list[tuple[float, int]]:
+
+def _measured(spin_cost: Epoch, sleep_cost: Epoch) -> list[Epoch]:
     """One unmeasured epoch, then a measurement (spin, sleep, sleep, spin)
-    in which each epoch used the given (CPU us, jobs), then the hold."""
+    in which each epoch used the given (CPU us, jobs, bytes), then the hold."""
     probe = [spin_cost, sleep_cost, sleep_cost, spin_cost]
     assert len(probe) == PROBED
-    return [(0.0, 0)] + probe + [(0.0, 0)] * HOLD
+    return [(0.0, 0, 0)] + probe + [(0.0, 0, 0)] * HOLD
+
+
+def _choice(spin_cost: Epoch, sleep_cost: Epoch) -> bool:
+    """Whether the policy spins after measuring these costs."""
+    return _tokioloop._spin_policy_replay(_measured(spin_cost, sleep_cost))[1 + PROBED]
 
 
 def test_spin_policy_constants_are_sane() -> None:
@@ -200,38 +205,52 @@ def test_spin_policy_measures_spinning_against_sleeping() -> None:
     """The first epoch spins unmeasured; the measurement spins, sleeps,
     sleeps, spins; then the cheaper way is kept for HOLD epochs, after which
     the next measurement starts (spinning)."""
-    out = _tokioloop._spin_policy_replay(_measured((100.0, 100), (150.0, 100)))
+    out = _tokioloop._spin_policy_replay(_measured((100.0, 100, 0), (150.0, 100, 0)))
     assert out[:5] == [True, True, False, False, True]
     assert out[5 : 5 + HOLD] == [True] * HOLD
     assert out[5 + HOLD] is True
 
-    out = _tokioloop._spin_policy_replay(_measured((150.0, 100), (100.0, 100)))
+    out = _tokioloop._spin_policy_replay(_measured((150.0, 100, 0), (100.0, 100, 0)))
     assert out[:5] == [True, True, False, False, True]
     assert out[5 : 5 + HOLD] == [False] * HOLD
     assert out[5 + HOLD] is True  # measuring again
 
 
 def test_spin_policy_compares_cpu_per_job() -> None:
-    """A way that ran more jobs in its epochs is charged per job, not per
-    epoch; a difference within the tie factor keeps spinning (it answers
-    sooner); a way that ran no job at all (an idle loop) means sleeping."""
-    assert _tokioloop._spin_policy_replay(_measured((200.0, 200), (150.0, 100)))[5] is True
-    assert _tokioloop._spin_policy_replay(_measured((150.0, 100), (200.0, 200)))[5] is False
+    """Without bytes read, a way that ran more jobs in its epochs is charged
+    per job, not per epoch; a difference within the tie factor keeps
+    spinning (it answers sooner); a way that ran no job at all (an idle
+    loop) means sleeping."""
+    assert _choice((200.0, 200, 0), (150.0, 100, 0)) is True
+    assert _choice((150.0, 100, 0), (200.0, 200, 0)) is False
     within = 100.0 * (1 + (TIE - 1) / 2)
     beyond = 100.0 * (TIE + 0.02)
-    assert _tokioloop._spin_policy_replay(_measured((within, 100), (100.0, 100)))[5] is True
-    assert _tokioloop._spin_policy_replay(_measured((beyond, 100), (100.0, 100)))[5] is False
-    assert _tokioloop._spin_policy_replay(_measured((0.0, 0), (0.0, 0)))[5] is False
-    assert _tokioloop._spin_policy_replay(_measured((10.0, 100), (10.0, 0)))[5] is False
+    assert _choice((within, 100, 0), (100.0, 100, 0)) is True
+    assert _choice((beyond, 100, 0), (100.0, 100, 0)) is False
+    assert _choice((0.0, 0, 0), (0.0, 0, 0)) is False
+    assert _choice((10.0, 100, 0), (10.0, 0, 0)) is False
+
+
+def test_spin_policy_compares_cpu_per_byte_when_both_read() -> None:
+    """A spin catches a large message in more, smaller reads (more jobs for
+    the same bytes): with bytes read on both sides the cost is per byte, so
+    more jobs do not make spinning look cheaper. Bytes on one side only
+    (a burst that ended) fall back to jobs."""
+    # Same bytes, spinning used more CPU in twice the jobs: sleep.
+    assert _choice((120.0, 200, 100_000), (100.0, 100, 100_000)) is False
+    # Spinning read more bytes for its CPU: spin.
+    assert _choice((120.0, 100, 150_000), (100.0, 100, 100_000)) is True
+    # Bytes only while sleeping: per job, where spinning is cheaper.
+    assert _choice((80.0, 100, 0), (100.0, 100, 5_000)) is True
 
 
 def test_spin_policy_follows_a_change_of_load() -> None:
     """Each measurement starts afresh: a load for which sleeping became
     cheaper turns spinning off at the next measurement, and back on at the
     one after when spinning is cheaper again."""
-    spin_cheap = _measured((100.0, 100), (150.0, 100))[1:]
-    sleep_cheap = _measured((150.0, 100), (100.0, 100))[1:]
-    out = _tokioloop._spin_policy_replay([(0.0, 0)] + spin_cheap + sleep_cheap + spin_cheap)
+    spin_cheap = _measured((100.0, 100, 0), (150.0, 100, 0))[1:]
+    sleep_cheap = _measured((150.0, 100, 0), (100.0, 100, 0))[1:]
+    out = _tokioloop._spin_policy_replay([(0.0, 0, 0)] + spin_cheap + sleep_cheap + spin_cheap)
     period = PROBED + HOLD
     assert out[1 + PROBED] is True
     assert out[1 + period + PROBED] is False
