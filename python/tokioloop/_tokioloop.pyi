@@ -142,9 +142,12 @@ def _fiber_stack_use() -> tuple[int, int, int] | None: ...
 # ---- the loop core (src/loop) -------------------------------------------
 
 # The spin policy's measurement (src/loop/spin.rs), for tests: decisions over
-# made-up epochs of (CPU microseconds, jobs, bytes), and its constants (waits per
+# made-up epochs of (CPU microseconds, jobs, bytes); the policy driven wait by
+# wait with (CPU us, jobs, bytes used since the last wait, its spin's length in
+# us), returning each wait's spin limit in us; and its constants (waits per
 # epoch, epochs kept, measured epochs, tie factor).
 def _spin_policy_replay(epochs: list[tuple[float, int, int]], /) -> list[bool]: ...
+def _spin_policy_drive(waits: list[tuple[float, int, int, float]], /) -> list[int]: ...
 def _spin_policy_constants() -> tuple[int, int, int, float]: ...
 
 class Handle:

@@ -32,7 +32,7 @@ use super::oserror;
 use super::pyobjs;
 use super::recycle::BytesRecycler;
 use super::selector::{Selector, Watcher, READ, WRITE};
-use super::spin::SpinPolicy;
+use super::spin::{thread_cpu_time, SpinPolicy};
 use super::timers::Timers;
 use crate::transports::stream::{StreamCore, MAX_READ};
 use crate::transports::Source;
@@ -180,8 +180,9 @@ pub struct LoopCore {
     /// The last sock_recv() read DIRECT_READ_MIN bytes or more: the next
     /// large one reads straight into its bytes object (see sock.rs).
     pub(crate) big_sock_reads: AtomicBool,
-    /// Bytes read by transports and sock_recv() so far (the spin policy's
-    /// measure of work done, see spin.rs). Only the loop's thread writes it.
+    /// Bytes read by transports, datagram endpoints, sock_recv() and
+    /// sock_recv_into() so far (the spin policy's measure of work done, see
+    /// spin.rs). Only the loop's thread writes it.
     bytes_read: AtomicU64,
 }
 
@@ -242,8 +243,8 @@ impl LoopCore {
         drop(old);
     }
 
-    /// Run `f` on the loop's receive buffer (MAX_READ bytes).
-    /// Count `n` bytes read by a transport or sock_recv() (see `bytes_read`).
+    /// Count `n` bytes read by a transport, sock_recv() or sock_recv_into()
+    /// (see `bytes_read`).
     #[inline]
     pub(crate) fn count_read(&self, n: usize) {
         // Only the loop's thread counts: a plain load and store suffice.
@@ -252,6 +253,7 @@ impl LoopCore {
             .store(total.wrapping_add(n as u64), Ordering::Relaxed);
     }
 
+    /// Run `f` on the loop's receive buffer (MAX_READ bytes).
     pub(crate) fn with_read_buffer<R>(&self, py: Python<'_>, f: impl FnOnce(&mut [u8]) -> R) -> R {
         self.read_buf.with(py, |b| {
             if b.len() < MAX_READ {
@@ -693,9 +695,8 @@ impl LoopCore {
             if busy {
                 py.detach(|| this.driver.wait(timeout, Duration::ZERO, has_fds, events));
             } else {
-                let spin = rs
-                    .spin
-                    .next_wait(rs.jobs, this.bytes_read.load(Ordering::Relaxed));
+                let bytes = this.bytes_read.load(Ordering::Relaxed);
+                let spin = rs.spin.next_wait(rs.jobs, bytes, &mut thread_cpu_time);
                 if spin.is_zero() {
                     py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
                 } else {

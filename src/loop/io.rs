@@ -430,7 +430,7 @@ impl Driver {
     /// each reply and be woken a few microseconds later by the next
     /// request; on virtual machines that sleep/wake-up pair costs more CPU
     /// and latency than the work itself. The caller decides when spinning
-    /// pays (see `spin_paid` in core.rs); the limit keeps it bounded.
+    /// pays (see spin.rs); the limit keeps it bounded.
     fn spin_wait(&self, io: &Io, limit: Duration, has_fds: bool, events: &mut Events) -> bool {
         let start = Instant::now();
         loop {

@@ -24,6 +24,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<core::LoopCore>()?;
     handle::register(m)?;
     m.add_function(wrap_pyfunction!(spin::_spin_policy_replay, m)?)?;
+    m.add_function(wrap_pyfunction!(spin::_spin_policy_drive, m)?)?;
     m.add_function(wrap_pyfunction!(spin::_spin_policy_constants, m)?)?;
     fastcall::install(m.py())?;
     Ok(())

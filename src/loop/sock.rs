@@ -273,6 +273,7 @@ fn with_view<R>(
 
 /// recv(2) into a writable buffer; None on EAGAIN.
 fn recv_into<'py>(
+    lp: &LoopCore,
     py: Python<'py>,
     fd: RawFd,
     buf: &Bound<'py, PyAny>,
@@ -292,7 +293,10 @@ fn recv_into<'py>(
         }
     })?;
     match r {
-        Ok(n) => Ok(Some(n.into_pyobject(py)?.into_any())),
+        Ok(n) => {
+            lp.count_read(n);
+            Ok(Some(n.into_pyobject(py)?.into_any()))
+        }
         Err(libc::EAGAIN) => Ok(None),
         Err(e) => Err(oserror::from_errno(py, e)),
     }
@@ -357,6 +361,7 @@ impl SockOp for Recv {
 struct RecvInto {
     id: u64,
     fut: Py<PyAny>,
+    lp: Py<LoopCore>,
     fd: RawFd,
     buf: Py<PyAny>,
 }
@@ -369,7 +374,7 @@ impl SockOp for RecvInto {
         &self.fut
     }
     fn attempt<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        recv_into(py, self.fd, self.buf.bind(py))
+        recv_into(self.lp.get(), py, self.fd, self.buf.bind(py))
     }
     fn refs(&self) -> Vec<&Py<PyAny>> {
         vec![&self.buf]
@@ -564,13 +569,14 @@ impl LoopCore {
         let this = slf.get();
         this.check_closed()?;
         let fd = fileobj_to_fd(sock)?;
-        if let Some(n) = recv_into(py, fd, buf)? {
+        if let Some(n) = recv_into(this, py, fd, buf)? {
             return Ok(n);
         }
         let fut = Self::new_future(slf)?;
         let op = Arc::new(RecvInto {
             id: this.new_op_id(),
             fut: fut.clone().unbind(),
+            lp: slf.clone().unbind(),
             fd,
             buf: buf.clone().unbind(),
         });

@@ -1,8 +1,9 @@
 """Before it sleeps, the loop polls for a short while (TOKIOLOOP_SPIN_US,
 see Driver::wait in src/loop/io.rs), but only while its waits are short:
 a loop whose waits outlast the spin stops spinning, so an idle or slow-paced
-loop does not burn CPU; and only while spinning costs less CPU per job run
-than sleeping, which the loop measures now and then (src/loop/spin.rs).
+loop does not burn CPU; and only while spinning costs less CPU per byte read
+(or per job run) than sleeping, which the loop measures now and then
+(src/loop/spin.rs).
 The process checks run in a fresh interpreter because the setting is read
 once per process; the measurement's decisions are replayed over made-up
 epochs."""
@@ -255,3 +256,75 @@ def test_spin_policy_follows_a_change_of_load() -> None:
     assert out[1 + PROBED] is True
     assert out[1 + period + PROBED] is False
     assert out[1 + 2 * period + PROBED] is True
+
+
+SPIN_US = 50  # the limit the drive uses
+PAID_US = 1.0  # a spin that caught its work at once
+MISSED_US = float(SPIN_US)  # a spin that ran out
+# The first epochs' ways: one unmeasured spinning epoch, then the measurement.
+SCHEDULE = [True, True, False, False, True]
+
+
+def _drive(
+    cost: dict[bool, tuple[float, int, int]],
+    epochs: int,
+    spun: dict[int, float] | None = None,
+) -> list[int]:
+    """Drive the policy through `epochs` epochs of idle waits. The work
+    after each wait (CPU us, jobs, bytes) is cost[way of that wait's epoch]
+    (by the known schedule of the first epochs, then the way the policy
+    reported); `spun` gives some waits' spin lengths (else PAID_US)."""
+    spun = spun or {}
+    items = []
+    for w in range(epochs * EPOCH_WAITS):
+        epoch = (w - 1) // EPOCH_WAITS  # the previous wait's epoch
+        way = SCHEDULE[epoch] if 0 <= epoch < len(SCHEDULE) else None
+        used = (0.0, 0, 0) if w == 0 or way is None else cost[way]
+        items.append((*used, spun.get(w, PAID_US)))
+    return _tokioloop._spin_policy_drive(items)
+
+
+def _epoch(out: list[int], e: int) -> list[int]:
+    return out[e * EPOCH_WAITS : (e + 1) * EPOCH_WAITS]
+
+
+def test_spin_policy_driven_wait_by_wait() -> None:
+    """Through the real wait-by-wait path with a made-up CPU clock: epochs
+    of EPOCH_WAITS waits in the scheduled order, then the cheaper way."""
+    cheap_spin = {True: (1.0, 1, 0), False: (2.0, 1, 0)}
+    out = _drive(cheap_spin, len(SCHEDULE) + 1)
+    for e, way in enumerate(SCHEDULE):
+        assert _epoch(out, e) == [SPIN_US if way else 0] * EPOCH_WAITS, e
+    assert _epoch(out, len(SCHEDULE)) == [SPIN_US] * EPOCH_WAITS
+
+    cheap_sleep = {True: (2.0, 1, 0), False: (1.0, 1, 0)}
+    out = _drive(cheap_sleep, len(SCHEDULE) + 1)
+    assert _epoch(out, len(SCHEDULE)) == [0] * EPOCH_WAITS
+
+
+def test_spin_policy_driven_per_byte() -> None:
+    """Spinning ran twice the jobs for the same bytes at 1.5x the CPU:
+    cheaper per job, dearer per byte; the policy sleeps."""
+    out = _drive({True: (1.5, 2, 1000), False: (1.0, 1, 1000)}, len(SCHEDULE) + 1)
+    assert _epoch(out, len(SCHEDULE)) == [0] * EPOCH_WAITS
+
+
+def test_spin_policy_back_off_is_per_epoch() -> None:
+    """A spin that runs out pauses spinning (1, 2, 4, ... waits); a pause
+    left at the end of an epoch does not carry into the next spinning
+    epoch, whose measurement would then be partly of sleeping."""
+    even = {True: (1.0, 1, 0), False: (1.0, 1, 0)}
+    # A miss at wait 10: wait 11 sleeps, wait 12 spins again.
+    out = _drive(even, 1, {10: MISSED_US})
+    assert out[10:13] == [SPIN_US, 0, SPIN_US]
+    # Misses in a row at the end of the first epoch (pauses up to 64
+    # waits), then the measurement's first epoch spins from its first wait.
+    tail = {w: MISSED_US for w in range(EPOCH_WAITS - 40, EPOCH_WAITS)}
+    out = _drive(even, 2, tail)
+    assert out[EPOCH_WAITS - 1] == 0  # pausing
+    assert _epoch(out, 1) == [SPIN_US] * EPOCH_WAITS
+    # The same at the end of the measurement's first (spinning) epoch,
+    # followed by two sleeping epochs: the fourth spins from its first wait.
+    tail = {w: MISSED_US for w in range(2 * EPOCH_WAITS - 40, 2 * EPOCH_WAITS)}
+    out = _drive(even, 5, tail)
+    assert _epoch(out, 4) == [SPIN_US] * EPOCH_WAITS
