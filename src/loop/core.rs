@@ -55,14 +55,10 @@ pub(crate) struct RunState {
     tokens: Vec<(u64, u8)>,
     /// Jobs of the sources `tokens` named (kept to reuse its allocation).
     woken: Vec<Job>,
-    /// Whether and how long idle waits spin (see spin.rs).
-    spin: SpinPolicy,
-    /// Jobs run so far (the spin policy's measure of work done).
-    jobs: u64,
 }
 
 impl RunState {
-    fn new(spin: Duration) -> Self {
+    fn new() -> Self {
         RunState {
             batch: VecDeque::new(),
             events: io::new_events(),
@@ -71,8 +67,6 @@ impl RunState {
             garbage: Garbage::default(),
             tokens: Vec::new(),
             woken: Vec::new(),
-            spin: SpinPolicy::new(spin),
-            jobs: 0,
         }
     }
 }
@@ -174,9 +168,15 @@ pub struct LoopCore {
     /// The bytes object of the last data_received/datagram_received call,
     /// refilled for the next read when nothing kept it (see recycle.rs).
     pub(crate) recycler: BytesRecycler,
-    /// How long a wait may poll before it sleeps (see Driver::wait);
-    /// TOKIOLOOP_SPIN_US, default DEFAULT_SPIN_US.
-    spin: Duration,
+    /// Whether and how long idle waits poll before they sleep (see
+    /// spin.rs and Driver::wait), up to TOKIOLOOP_SPIN_US (default
+    /// DEFAULT_SPIN_US). Kept across runs, so that a program of many short
+    /// runs (run_until_complete() per call, await_() from a thread without
+    /// a loop) keeps what was measured.
+    spin: GilCell<SpinPolicy>,
+    /// Jobs run so far (the spin policy's measure of work done when no
+    /// bytes are read). Only the loop's thread writes it.
+    jobs_run: AtomicU64,
     /// The last sock_recv() read DIRECT_READ_MIN bytes or more: the next
     /// large one reads straight into its bytes object (see sock.rs).
     pub(crate) big_sock_reads: AtomicBool,
@@ -695,14 +695,18 @@ impl LoopCore {
             if busy {
                 py.detach(|| this.driver.wait(timeout, Duration::ZERO, has_fds, events));
             } else {
+                let jobs = this.jobs_run.load(Ordering::Relaxed);
                 let bytes = this.bytes_read.load(Ordering::Relaxed);
-                let spin = rs.spin.next_wait(rs.jobs, bytes, &mut thread_cpu_time);
+                let spin = this
+                    .spin
+                    .with(py, |p| p.next_wait(jobs, bytes, &mut thread_cpu_time));
                 if spin.is_zero() {
                     py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
                 } else {
                     let start = std::time::Instant::now();
                     py.detach(|| this.driver.wait(timeout, spin, has_fds, events));
-                    rs.spin.spun(start.elapsed());
+                    let elapsed = start.elapsed();
+                    this.spin.with(py, |p| p.spun(elapsed));
                 }
             }
         }
@@ -808,7 +812,10 @@ impl LoopCore {
         let this = slf.get();
         let debug = this.debug();
         let batch = &mut rs.batch;
-        rs.jobs += batch.len() as u64;
+        // Only the loop's thread counts: a plain load and store suffice.
+        let jobs = this.jobs_run.load(Ordering::Relaxed);
+        this.jobs_run
+            .store(jobs.wrapping_add(batch.len() as u64), Ordering::Relaxed);
         while let Some(job) = batch.pop_front() {
             let res = if debug {
                 Self::run_job_debug(slf, job)
@@ -1004,7 +1011,8 @@ impl LoopCore {
             sources: GilCell::new(FxHashMap::default()),
             read_buf: GilCell::new(Vec::new()),
             recycler: BytesRecycler::new(),
-            spin: spin_limit(),
+            spin: GilCell::new(SpinPolicy::new(spin_limit())),
+            jobs_run: AtomicU64::new(0),
             big_sock_reads: AtomicBool::new(false),
             bytes_read: AtomicU64::new(0),
         })
@@ -1306,7 +1314,7 @@ impl LoopCore {
     fn _run_forever_native(slf: &Bound<'_, Self>) -> PyResult<()> {
         let this = slf.get();
         this.check_no_foreign_session()?;
-        let mut rs = RunState::new(this.spin);
+        let mut rs = RunState::new();
         // One block_on on the reactor for the whole run (see run_session).
         this.driver.run_session(|| loop {
             Self::run_once(slf, &mut rs)?;
@@ -1319,7 +1327,7 @@ impl LoopCore {
     /// One iteration (asyncio's `_run_once`), for code that drives loops by hand.
     fn _run_once(slf: &Bound<'_, Self>) -> PyResult<()> {
         slf.get().check_no_foreign_session()?;
-        Self::run_once(slf, &mut RunState::new(slf.get().spin))
+        Self::run_once(slf, &mut RunState::new())
     }
 
     /// Number of callbacks ready to run (asyncio's `len(loop._ready)`).

@@ -19,6 +19,11 @@
 //! per message. (sock_recvfrom's bytes are not counted: a loop reading
 //! only through it is compared per job.)
 //!
+//! The policy belongs to the loop and outlives its runs, so that a program
+//! of many short runs (run_until_complete() per call, await_() from a
+//! thread without a loop) keeps what was measured; CPU time spent between
+//! two runs falls into the epoch that spans them.
+//!
 //! The CPU time is the loop thread's own. What a sleep costs elsewhere (the
 //! waking thread's work, the CPU leaving and re-entering an idle state) is
 //! not in it, so the comparison leans toward sleeping; the server CPU per
@@ -64,7 +69,7 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
     (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
-/// One run's spin decisions (kept in the run loop's RunState).
+/// A loop's spin decisions (kept by the loop across its runs).
 pub(crate) struct SpinPolicy {
     /// The longest spin (TOKIOLOOP_SPIN_US); zero: never spin, measure nothing.
     limit: Duration,
