@@ -36,6 +36,12 @@ impl<'py> Made<'py> {
         let cap = obj.as_bytes().len();
         Made { obj, cap }
     }
+
+    /// A bytes object the loop allocated for `cap` bytes and may have cut
+    /// to fewer (`read_into_room`).
+    fn with_room(obj: Bound<'py, PyBytes>, cap: usize) -> Self {
+        Made { obj, cap }
+    }
 }
 
 pub(crate) struct BytesRecycler {
@@ -81,6 +87,81 @@ impl BytesRecycler {
         drop(old);
     }
 
+    /// Read into a bytes object with room for `cap` bytes: the spare when it
+    /// has exactly that room (the object of an earlier large read that
+    /// nothing kept), else a new one; no copy and, with the spare, no
+    /// allocation. `read` fills a prefix of the room and says how much (None:
+    /// nothing was read; the spare stays the spare). The object keeps its
+    /// room when the data fills at least half of it (as `make` allows), else
+    /// it is shrunk to the data.
+    pub(crate) fn read_into_room<'py, R>(
+        &self,
+        py: Python<'py>,
+        cap: usize,
+        read: impl FnOnce(&mut [u8]) -> (R, Option<usize>),
+    ) -> PyResult<(R, Option<Made<'py>>)> {
+        use pyo3::ffi;
+        let spare = self.spare.with(py, |s| match s {
+            Some((_, c)) if *c == cap => s.take(),
+            _ => None,
+        });
+        let obj = match spare {
+            Some((obj, _)) => obj.into_bound(py),
+            None => {
+                // SAFETY: a new bytes object of `cap` bytes whose contents
+                // (uninitialised: NULL data) are written or cut off below
+                // before anyone else sees it.
+                let p = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), cap as _) };
+                // SAFETY: `p` is a new reference or NULL with an exception set.
+                unsafe { Bound::from_owned_ptr_or_err(py, p)?.cast_into_unchecked::<PyBytes>() }
+            }
+        };
+        // SAFETY: `obj` is an exact bytes object allocated for `cap` bytes
+        // (plus CPython's NUL), ours alone (new, or the spare, whose
+        // reference count was 1 when it was given back and which nothing
+        // else can reach since), so its buffer can be written through a
+        // pointer derived from the object pointer for `cap` bytes.
+        let buf = unsafe {
+            let sval = obj
+                .as_ptr()
+                .cast::<u8>()
+                .add(std::mem::offset_of!(ffi::PyBytesObject, ob_sval));
+            std::slice::from_raw_parts_mut(sval, cap)
+        };
+        let (r, got) = read(buf);
+        let Some(n) = got else {
+            // Nothing read: keep the object as the spare for the next read.
+            if !cfg!(Py_GIL_DISABLED) {
+                let old = self.spare.with(py, |s| s.replace((obj.unbind(), cap)));
+                drop(old);
+            }
+            return Ok((r, None));
+        };
+        let n = n.min(cap);
+        if n.saturating_mul(2) >= cap {
+            set_len(&obj, n);
+            return Ok((r, Some(Made::with_room(obj, cap))));
+        }
+        extern "C" {
+            // Documented C API (Objects/bytesobject.c), not bound by pyo3-ffi.
+            fn _PyBytes_Resize(
+                bytes: *mut *mut ffi::PyObject,
+                newsize: ffi::Py_ssize_t,
+            ) -> std::ffi::c_int;
+        }
+        let mut p = obj.into_ptr();
+        // SAFETY: `p` is our only reference to an exact bytes object (see
+        // above), which _PyBytes_Resize requires; it replaces `p` with the
+        // resized object, or releases it and sets NULL with an exception.
+        let rc = unsafe { _PyBytes_Resize(&mut p, n as ffi::Py_ssize_t) };
+        if rc != 0 {
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: on success `p` is a new reference to a bytes object.
+        let obj = unsafe { Bound::from_owned_ptr(py, p).cast_into_unchecked::<PyBytes>() };
+        Ok((r, Some(Made::new(obj))))
+    }
+
     /// Drop the spare (the loop is closing).
     pub(crate) fn clear(&self, py: Python<'_>) {
         let old = self.spare.with(py, |s| s.take());
@@ -114,9 +195,26 @@ fn refill(obj: &Bound<'_, PyBytes>, data: &[u8]) {
         let base = p.cast::<u8>();
         let sval = base.add(std::mem::offset_of!(ffi::PyBytesObject, ob_sval));
         std::ptr::copy_nonoverlapping(data.as_ptr(), sval, data.len());
-        *sval.add(data.len()) = 0;
+    }
+    set_len(obj, data.len());
+}
+
+/// Make `obj`, which has a reference count of 1 (ours), allocated for at
+/// least `n` bytes and holding the data in its first `n`, a bytes object of
+/// those `n` bytes.
+fn set_len(obj: &Bound<'_, PyBytes>, n: usize) {
+    use pyo3::ffi;
+    let p = obj.as_ptr();
+    // SAFETY: as in `refill`: nothing else can observe the object; byte `n`
+    // (the NUL CPython keeps after the data) is inside the allocation, and
+    // the size and the hash cache are reset as CPython's _PyBytes_Resize does.
+    unsafe {
+        let sval = p
+            .cast::<u8>()
+            .add(std::mem::offset_of!(ffi::PyBytesObject, ob_sval));
+        *sval.add(n) = 0;
         let b = p.cast::<ffi::PyBytesObject>();
-        (*b).ob_base.ob_size = data.len() as ffi::Py_ssize_t;
+        (*b).ob_base.ob_size = n as ffi::Py_ssize_t;
         #[allow(deprecated)]
         {
             (*b).ob_shash = -1;

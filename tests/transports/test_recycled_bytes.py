@@ -95,6 +95,54 @@ def test_data_received_objects_reused_only_when_free() -> None:
         assert kept >= len(SIZES) // 2
 
 
+KiB = 1024
+# Large messages: read straight into a bytes object with room for 126 KiB
+# (the spare one when nothing kept it), kept whole when half full or more,
+# shrunk otherwise; messages over 126 KiB take two reads.
+BIG_SIZES = [100 * KiB, 90 * KiB, 126 * KiB, 64 * KiB, 20 * KiB, 130 * KiB, 100 * KiB]
+BIG_SIZES += [70 * KiB, 40 * KiB, 127 * KiB, 63 * KiB, 1 * KiB, 100 * KiB, 250 * KiB] * 2
+
+
+def test_large_reads_reuse_only_free_objects() -> None:
+    """The same checks with large messages, which the transport reads
+    straight into bytes objects (and reuses those, room and all)."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[bytes, list[str], int]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        checker = Checker()
+        received: list[bytes] = []
+        got: asyncio.Queue[int] = asyncio.Queue()
+
+        class P(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                checker.see(data)
+                received.append(bytes(bytearray(data)))
+                got.put_nowait(len(data))
+
+        tr, _ = await loop.connect_accepted_socket(P, sock=a)
+        for i, n in enumerate(BIG_SIZES):
+            await loop.sock_sendall(b, _message(i, n))
+            left = n
+            while left:
+                left -= await asyncio.wait_for(got.get(), 10)
+        checker.check_kept()
+        tr.close()
+        b.close()
+        await asyncio.sleep(0)
+        return b"".join(received), checker.problems, len(checker.kept)
+
+    with fds_released():
+        runs = on_both(main, timeout=60)
+    want = b"".join(_message(i, n) for i, n in enumerate(BIG_SIZES))
+    for name in ("asyncio", "tokioloop"):
+        data, problems, kept = runs[name].result
+        assert data == want, name
+        assert problems == [], (name, problems)
+        assert kept >= len(BIG_SIZES) // 2
+
+
 def test_streams_see_every_byte_with_reused_objects() -> None:
     """StreamReader copies what it receives: chunks of readexactly() stay
     intact while the transport reuses its objects."""
