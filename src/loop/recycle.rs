@@ -7,7 +7,11 @@
 //! 800 instructions of 5,800 per request). Most protocols consume the data
 //! and drop it (an echo writes it, asyncio's StreamReader copies it into its
 //! bytearray, httptools parses it), so the object is free again when the
-//! callback returns.
+//! callback returns. Large reads (`read_into_room`) go straight into an
+//! object with room for a whole read, the spare one when it has that room,
+//! and a large object keeps its room while the data fills half of it: a
+//! 100 KiB echo spent ~1,200 of ~6,000 instructions per request allocating,
+//! shrinking and freeing one per read.
 //!
 //! Sound because a bytes object is only refilled when its reference count is
 //! 1 and that one reference is ours: nothing else (a list, a memoryview, a
