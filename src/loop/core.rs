@@ -186,6 +186,14 @@ pub struct LoopCore {
     bytes_read: AtomicU64,
 }
 
+/// Add `n` to a counter that only the loop's thread writes (others may
+/// read it): a plain load and store, no locked read-modify-write.
+#[inline]
+fn add_by_owner(counter: &AtomicU64, n: usize) {
+    let total = counter.load(Ordering::Relaxed);
+    counter.store(total.wrapping_add(n as u64), Ordering::Relaxed);
+}
+
 /// Default of TOKIOLOOP_SPIN_US.
 const DEFAULT_SPIN_US: u64 = 50;
 /// Largest TOKIOLOOP_SPIN_US taken (larger values are clamped).
@@ -247,10 +255,7 @@ impl LoopCore {
     /// (see `bytes_read`).
     #[inline]
     pub(crate) fn count_read(&self, n: usize) {
-        // Only the loop's thread counts: a plain load and store suffice.
-        let total = self.bytes_read.load(Ordering::Relaxed);
-        self.bytes_read
-            .store(total.wrapping_add(n as u64), Ordering::Relaxed);
+        add_by_owner(&self.bytes_read, n);
     }
 
     /// Run `f` on the loop's receive buffer (MAX_READ bytes).
@@ -812,10 +817,7 @@ impl LoopCore {
         let this = slf.get();
         let debug = this.debug();
         let batch = &mut rs.batch;
-        // Only the loop's thread counts: a plain load and store suffice.
-        let jobs = this.jobs_run.load(Ordering::Relaxed);
-        this.jobs_run
-            .store(jobs.wrapping_add(batch.len() as u64), Ordering::Relaxed);
+        add_by_owner(&this.jobs_run, batch.len());
         while let Some(job) = batch.pop_front() {
             let res = if debug {
                 Self::run_job_debug(slf, job)

@@ -627,11 +627,17 @@ fn current_session() -> Active {
     // of a run further up this (forked) thread's stack, suspended, and
     // SESSION no longer publishes it. The child has only this thread, so
     // nothing else touches the copied runtime while its block_on exits.
-    let co = unsafe { &mut *active.co.cast::<Reactor<'_, '_>>() };
+    finish(unsafe { &mut *active.co.cast::<Reactor<'_, '_>>() });
+    NO_SESSION
+}
+
+/// End a session coroutine's block_on. One that never waited has not
+/// entered the runtime; one that did is suspended inside its future and
+/// finishes. (If it panicked it is done and there is nothing to end.)
+fn finish(co: &mut Reactor<'_, '_>) {
     if co.started() && !co.done() {
         co.resume(Block::Finish);
     }
-    NO_SESSION
 }
 
 /// Publishes a session in SESSION for its scope, and ends it (the block_on
@@ -665,41 +671,23 @@ impl Drop for SessionGuard<'_, '_, '_> {
         // guard borrows for its whole life; SESSION no longer publishes it,
         // and `block` is not running (we are on the loop's stack, outside
         // any resume), so this is the only reference.
-        let co = unsafe { &mut *self.co };
-        // A session that never waited has not entered the runtime; one that
-        // did is suspended inside its future and finishes its block_on. (If
-        // the coroutine panicked it is done and there is nothing to end.)
-        if co.started() && !co.done() {
-            co.resume(Block::Finish);
-        }
+        finish(unsafe { &mut *self.co });
     }
 }
 
 /// Sleep until something signals (the waker is registered before the flag
 /// is read, so a signal in between is not lost) or the timeout.
 async fn sleep_until_signalled(signal: &Signal, timeout: Option<Duration>) {
-    match timeout {
-        None => {
-            std::future::poll_fn(|cx| {
-                signal.waker.register(cx.waker());
-                if signal.take() {
-                    Poll::Ready(())
-                } else {
-                    Poll::Pending
-                }
-            })
-            .await
+    let mut sleep = pin!(timeout.map(tokio::time::sleep));
+    std::future::poll_fn(|cx| {
+        signal.waker.register(cx.waker());
+        if signal.take() {
+            return Poll::Ready(());
         }
-        Some(t) => {
-            let mut sleep = pin!(tokio::time::sleep(t));
-            std::future::poll_fn(|cx| {
-                signal.waker.register(cx.waker());
-                if signal.take() {
-                    return Poll::Ready(());
-                }
-                sleep.as_mut().poll(cx)
-            })
-            .await
+        match sleep.as_mut().as_pin_mut() {
+            Some(sleep) => sleep.poll(cx),
+            None => Poll::Pending,
         }
-    }
+    })
+    .await
 }

@@ -40,12 +40,6 @@ impl<'py> Made<'py> {
         let cap = obj.as_bytes().len();
         Made { obj, cap }
     }
-
-    /// A bytes object the loop allocated for `cap` bytes and may have cut
-    /// to fewer (`read_into_room`).
-    fn with_room(obj: Bound<'py, PyBytes>, cap: usize) -> Self {
-        Made { obj, cap }
-    }
 }
 
 pub(crate) struct BytesRecycler {
@@ -111,14 +105,7 @@ impl BytesRecycler {
         });
         let obj = match spare {
             Some((obj, _)) => obj.into_bound(py),
-            None => {
-                // SAFETY: a new bytes object of `cap` bytes whose contents
-                // (uninitialised: NULL data) are written or cut off below
-                // before anyone else sees it.
-                let p = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), cap as _) };
-                // SAFETY: `p` is a new reference or NULL with an exception set.
-                unsafe { Bound::from_owned_ptr_or_err(py, p)?.cast_into_unchecked::<PyBytes>() }
-            }
+            None => uninit_bytes(py, cap)?,
         };
         // SAFETY: `obj` is an exact bytes object allocated for `cap` bytes
         // (plus CPython's NUL), ours alone (new, or the spare, whose
@@ -144,26 +131,9 @@ impl BytesRecycler {
         let n = n.min(cap);
         if n.saturating_mul(2) >= cap {
             set_len(&obj, n);
-            return Ok((r, Some(Made::with_room(obj, cap))));
+            return Ok((r, Some(Made { obj, cap })));
         }
-        extern "C" {
-            // Documented C API (Objects/bytesobject.c), not bound by pyo3-ffi.
-            fn _PyBytes_Resize(
-                bytes: *mut *mut ffi::PyObject,
-                newsize: ffi::Py_ssize_t,
-            ) -> std::ffi::c_int;
-        }
-        let mut p = obj.into_ptr();
-        // SAFETY: `p` is our only reference to an exact bytes object (see
-        // above), which _PyBytes_Resize requires; it replaces `p` with the
-        // resized object, or releases it and sets NULL with an exception.
-        let rc = unsafe { _PyBytes_Resize(&mut p, n as ffi::Py_ssize_t) };
-        if rc != 0 {
-            return Err(PyErr::fetch(py));
-        }
-        // SAFETY: on success `p` is a new reference to a bytes object.
-        let obj = unsafe { Bound::from_owned_ptr(py, p).cast_into_unchecked::<PyBytes>() };
-        Ok((r, Some(Made::new(obj))))
+        Ok((r, Some(Made::new(shrink(obj, n)?))))
     }
 
     /// Drop the spare (the loop is closing).
@@ -171,6 +141,46 @@ impl BytesRecycler {
         let old = self.spare.with(py, |s| s.take());
         drop(old);
     }
+}
+
+/// A new bytes object of `n` bytes whose contents are uninitialised: the
+/// caller writes them, or cuts them off (`shrink`, `set_len`), before the
+/// object is seen by anyone else.
+pub(crate) fn uninit_bytes(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyBytes>> {
+    use pyo3::ffi;
+    // SAFETY: NULL data asks CPython for an object of `n` bytes left
+    // uninitialised (the caller's contract above); the result is a new
+    // reference to an exact bytes object, or NULL with an exception set.
+    unsafe {
+        let p = ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as ffi::Py_ssize_t);
+        Ok(Bound::from_owned_ptr_or_err(py, p)?.cast_into_unchecked::<PyBytes>())
+    }
+}
+
+extern "C" {
+    // Documented C API (Objects/bytesobject.c), not bound by pyo3-ffi.
+    fn _PyBytes_Resize(
+        bytes: *mut *mut pyo3::ffi::PyObject,
+        newsize: pyo3::ffi::Py_ssize_t,
+    ) -> std::ffi::c_int;
+}
+
+/// Cut `obj`, an exact bytes object whose only reference is this one (one
+/// the loop made and filled), to its first `n` bytes, in place when the
+/// allocator allows.
+pub(crate) fn shrink(obj: Bound<'_, PyBytes>, n: usize) -> PyResult<Bound<'_, PyBytes>> {
+    let py = obj.py();
+    debug_assert!(only_ours(&obj));
+    let mut p = obj.into_ptr();
+    // SAFETY: `p` is the only reference to an exact bytes object (the
+    // caller's contract), which _PyBytes_Resize requires (it checks the
+    // reference count and fails cleanly otherwise); it replaces `p` with
+    // the resized object, or releases it and sets NULL with an exception.
+    if unsafe { _PyBytes_Resize(&mut p, n as pyo3::ffi::Py_ssize_t) } != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: on success `p` is a new reference to a bytes object.
+    Ok(unsafe { Bound::from_owned_ptr(py, p).cast_into_unchecked::<PyBytes>() })
 }
 
 /// Whether `obj` (a reference the caller holds) is its only reference.
@@ -186,7 +196,7 @@ fn refill(obj: &Bound<'_, PyBytes>, data: &[u8]) {
     let p = obj.as_ptr();
     debug_assert!(only_ours(obj));
     // SAFETY: `p` is an exact bytes object made by the loop (PyBytes::new or
-    // the bytes writer of a direct read, see `Made`) whose only
+    // `uninit_bytes` for a direct read, see `Made`) whose only
     // reference is `obj`, held by the loop's thread with the GIL, so no other
     // code can observe the change. Its allocation holds the header plus
     // `cap` >= data.len() bytes plus a NUL (CPython allocates

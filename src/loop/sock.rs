@@ -26,6 +26,7 @@ use pyo3::PyTraverseError;
 
 use super::core::{fileobj_to_fd, LoopCore};
 use super::oserror;
+use super::recycle;
 use super::selector::{Watcher, READ, WRITE};
 
 /// An operation retried each time its fd is ready, until it finishes.
@@ -204,47 +205,31 @@ fn recv_direct<'py>(
     fd: RawFd,
     n: usize,
 ) -> PyResult<Option<(Bound<'py, PyAny>, usize)>> {
-    extern "C" {
-        // Documented C API (Objects/bytesobject.c), not bound by pyo3-ffi.
-        fn _PyBytes_Resize(
-            bytes: *mut *mut ffi::PyObject,
-            newsize: ffi::Py_ssize_t,
-        ) -> std::ffi::c_int;
-    }
-    // SAFETY: a new, uniquely owned bytes object of size n (NULL data means
-    // uninitialised contents that we fill or cut off before anyone sees it).
-    let mut obj = unsafe { ffi::PyBytes_FromStringAndSize(std::ptr::null(), n as ffi::Py_ssize_t) };
-    if obj.is_null() {
-        return Err(PyErr::fetch(py));
-    }
+    let obj = recycle::uninit_bytes(py, n)?;
     let got = loop {
-        // SAFETY: the bytes object's buffer holds n writable bytes.
-        let got =
-            unsafe { libc::recv(fd, ffi::PyBytes_AsString(obj).cast(), n, libc::MSG_DONTWAIT) };
+        // SAFETY: the new bytes object's buffer holds n writable bytes.
+        let got = unsafe {
+            libc::recv(
+                fd,
+                ffi::PyBytes_AsString(obj.as_ptr()).cast(),
+                n,
+                libc::MSG_DONTWAIT,
+            )
+        };
         if got >= 0 || errno() != libc::EINTR {
             break got;
         }
     };
     if got < 0 {
         let e = errno();
-        // SAFETY: releasing the object we own.
-        unsafe { ffi::Py_DECREF(obj) };
         return if e == libc::EAGAIN {
             Ok(None)
         } else {
             Err(oserror::from_errno(py, e))
         };
     }
-    // SAFETY: `obj` is a fresh bytes object nobody else references, as
-    // _PyBytes_Resize requires; on failure it is freed and set to NULL.
-    if unsafe { _PyBytes_Resize(&mut obj, got as ffi::Py_ssize_t) } < 0 {
-        return Err(PyErr::fetch(py));
-    }
-    // SAFETY: a new reference we own.
-    Ok(Some((
-        unsafe { Bound::from_owned_ptr(py, obj) },
-        got as usize,
-    )))
+    let got = got as usize;
+    Ok(Some((recycle::shrink(obj, got)?.into_any(), got)))
 }
 
 /// Run `f` on a contiguous buffer view of `obj` (writable if asked).

@@ -28,9 +28,11 @@
 //! The CPU time is the loop thread's own. What a sleep costs elsewhere (the
 //! waking thread's work, the CPU leaving and re-entering an idle state) is
 //! not in it, so the comparison leans toward sleeping; the server CPU per
-//! request the benchmarks report has the same blind spot. Within a spinning stretch a spin that did not catch work
-//! quickly pauses spinning for a while (`spin_paid`), so an idle or
-//! slow-paced loop sleeps as asyncio's does.
+//! request the benchmarks report has the same blind spot.
+//!
+//! Within a spinning stretch a spin that did not catch work quickly pauses
+//! spinning for a while (`spin_paid`), so an idle or slow-paced loop sleeps
+//! as asyncio's does.
 
 use std::time::Duration;
 
@@ -211,11 +213,6 @@ impl SpinPolicy {
             }
         }
     }
-
-    /// Whether the current epoch spins (for tests).
-    fn spinning(&self) -> bool {
-        self.spinning
-    }
 }
 
 /// CPU time and work done (a point in time, or what a stretch used).
@@ -269,10 +266,10 @@ pub(crate) fn _spin_policy_replay(epochs: Vec<(f64, u64, u64)>) -> Vec<bool> {
     let mut p = SpinPolicy::new(Duration::from_micros(50));
     let mut out = Vec::with_capacity(epochs.len() + 1);
     for (cpu_us, jobs, bytes) in epochs {
-        out.push(p.spinning());
+        out.push(p.spinning);
         let used = if p.probe.is_some() {
             Work {
-                cpu: Duration::from_secs_f64(cpu_us.max(0.0) / 1e6),
+                cpu: micros(cpu_us),
                 jobs,
                 bytes,
             }
@@ -281,7 +278,7 @@ pub(crate) fn _spin_policy_replay(epochs: Vec<(f64, u64, u64)>) -> Vec<bool> {
         };
         p.end_epoch(used);
     }
-    out.push(p.spinning());
+    out.push(p.spinning);
     out
 }
 
@@ -296,16 +293,21 @@ pub(crate) fn _spin_policy_drive(waits: Vec<(f64, u64, u64, f64)>) -> Vec<u64> {
     let (mut cpu, mut jobs, mut bytes) = (Duration::ZERO, 0u64, 0u64);
     let mut out = Vec::with_capacity(waits.len());
     for (cpu_us, j, b, spun_us) in waits {
-        cpu += Duration::from_secs_f64(cpu_us.max(0.0) / 1e6);
+        cpu += micros(cpu_us);
         jobs += j;
         bytes += b;
         let spin = p.next_wait(jobs, bytes, &mut || Some(cpu));
         if !spin.is_zero() {
-            p.spun(Duration::from_secs_f64(spun_us.max(0.0) / 1e6));
+            p.spun(micros(spun_us));
         }
         out.push(spin.as_micros() as u64);
     }
     out
+}
+
+/// A test's microseconds (negative: none).
+fn micros(us: f64) -> Duration {
+    Duration::from_secs_f64(us.max(0.0) / 1e6)
 }
 
 /// The policy's constants, for tests: (waits per epoch, epochs kept,

@@ -143,7 +143,6 @@ def test_loop_runs_in_one_thread_then_another() -> None:
         lp.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_child_forked_inside_a_run_runs_loops_of_its_own() -> None:
     """The child of a fork() made inside a run (multiprocessing's fork start
     method from a coroutine) is a copy of the thread inside that run; it must
