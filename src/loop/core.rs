@@ -943,11 +943,26 @@ impl LoopCore {
 }
 
 /// selectors' `_fileobj_to_fd`: an int, or an object with fileno().
+///
+/// The type is tested before converting: converting a socket to an int
+/// first and falling back on failure made CPython format a TypeError that
+/// was thrown away, on every sock_* call (callgrind, `sock_*` echo at 1 KiB:
+/// ~1,800 instructions per call, a fifth of the server's).
 pub(crate) fn fileobj_to_fd(obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
-    let fd: i64 = if let Ok(i) = obj.extract::<i64>() {
-        i
+    let fd: i64 = if obj.is_instance_of::<pyo3::types::PyInt>() {
+        match obj.extract::<i64>() {
+            Ok(i) => i,
+            Err(_) => {
+                return Err(PyValueError::new_err(format!(
+                    "Invalid file descriptor: {obj}"
+                )))
+            }
+        }
     } else {
-        match obj.call_method0("fileno").and_then(|r| r.extract::<i64>()) {
+        match obj
+            .call_method0(pyo3::intern!(obj.py(), "fileno"))
+            .and_then(|r| r.extract::<i64>())
+        {
             Ok(i) => i,
             Err(_) => {
                 return Err(PyValueError::new_err(format!(

@@ -88,6 +88,8 @@ def test_reader_and_writer_on_same_fd(loop: tokioloop.Loop) -> None:
 def test_bad_file_descriptors(loop: tokioloop.Loop) -> None:
     with pytest.raises(ValueError, match="Invalid file descriptor"):
         loop.add_reader(-1, print)
+    with pytest.raises(ValueError, match="Invalid file descriptor"):
+        loop.add_reader(2**70, print)
     with pytest.raises(ValueError, match="Invalid file object"):
         loop.add_reader(object(), print)
     with pytest.raises(ValueError, match="Invalid file object"):
