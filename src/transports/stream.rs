@@ -148,11 +148,22 @@ fn os_error(py: Python<'_>, err: i32) -> PyErr {
     crate::event_loop::oserror::from_errno(py, err)
 }
 
+#[derive(Clone, Copy)]
 enum ReadOutcome {
     Nothing,
+    /// Bytes read, and whether that was less than asked (drained for now).
     Data(usize, bool),
     Eof,
     Error(i32),
+}
+
+impl ReadOutcome {
+    fn data_len(self) -> Option<usize> {
+        match self {
+            ReadOutcome::Data(n, _) => Some(n),
+            _ => None,
+        }
+    }
 }
 
 impl StreamCore {
@@ -349,16 +360,16 @@ impl StreamCore {
         let (outcome, data) = if big_reads {
             Self::read_direct(slf)?
         } else {
-            // Read into the loop's shared buffer (no allocation per read),
-            // then copy exactly what arrived into a bytes object (the one
-            // the last callback gave back, when it fits).
+            // Read into the bytes object the last callback gave back and on
+            // into the loop's shared buffer: data of about the last read's
+            // size is then delivered in that object, with no copy and no
+            // allocation; other sizes are copied into a new one.
             lp.with_read_buffer(py, |buf| {
-                let outcome = this.st.with(py, |s| this.read_into(s, buf));
-                match outcome {
-                    ReadOutcome::Data(n, _) => (outcome, Some(lp.recycler.make(py, &buf[..n]))),
-                    o => (o, None),
-                }
-            })
+                lp.recycler.read_into_spare(py, buf, |room, rest| {
+                    let outcome = this.st.with(py, |s| this.read_into(s, room, rest));
+                    (outcome, outcome.data_len())
+                })
+            })?
         };
         let big = matches!(outcome, ReadOutcome::Data(n, _) if n >= DIRECT_READ_MIN);
         this.st.with(py, |s| s.big_reads = big);
@@ -381,17 +392,14 @@ impl StreamCore {
         let this = slf.get();
         let lp = this.lp(py).get();
         lp.recycler.read_into_room(py, DIRECT_READ, |buf| {
-            let outcome = this.st.with(py, |s| this.read_into(s, buf));
-            let got = match outcome {
-                ReadOutcome::Data(n, _) => Some(n),
-                _ => None,
-            };
-            (outcome, got)
+            let outcome = this.st.with(py, |s| this.read_into(s, buf, &mut []));
+            (outcome, outcome.data_len())
         })
     }
 
-    /// One read syscall into `buf`, honouring Tokio's readiness.
-    fn read_into(&self, s: &mut State, buf: &mut [u8]) -> ReadOutcome {
+    /// One read syscall into `buf` and on into `more` (readv when `more` is
+    /// not empty), honouring Tokio's readiness.
+    fn read_into(&self, s: &mut State, buf: &mut [u8], more: &mut [u8]) -> ReadOutcome {
         let Some(reg) = s.reg.as_ref() else {
             return ReadOutcome::Nothing;
         };
@@ -403,13 +411,35 @@ impl StreamCore {
             }
             Poll::Ready(Ok(g)) => g,
         };
+        let (buf, more) = if buf.is_empty() {
+            (more, buf)
+        } else {
+            (buf, more)
+        };
+        let want = buf.len() + more.len();
         loop {
-            // SAFETY: `buf` is a valid writable region of buf.len() bytes and
-            // `self.fd` stays open while the registration exists.
-            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            // SAFETY: `buf` and `more` are valid writable regions of their
+            // lengths, and `self.fd` stays open while the registration exists.
+            let n = unsafe {
+                if more.is_empty() {
+                    libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len())
+                } else {
+                    let iov = [
+                        libc::iovec {
+                            iov_base: buf.as_mut_ptr().cast(),
+                            iov_len: buf.len(),
+                        },
+                        libc::iovec {
+                            iov_base: more.as_mut_ptr().cast(),
+                            iov_len: more.len(),
+                        },
+                    ];
+                    libc::readv(self.fd, iov.as_ptr(), 2)
+                }
+            };
             if n > 0 {
                 let n = n as usize;
-                let short = n < buf.len();
+                let short = n < want;
                 if short {
                     // Less than asked: the socket is drained for now.
                     guard.clear_ready();
@@ -558,7 +588,7 @@ impl StreamCore {
             // SAFETY: view.buf points to `len` writable bytes that stay valid
             // until PyBuffer_Release.
             let target = unsafe { std::slice::from_raw_parts_mut(view.buf.cast::<u8>(), len) };
-            Some(this.st.with(py, |s| this.read_into(s, target)))
+            Some(this.st.with(py, |s| this.read_into(s, target, &mut [])))
         };
         // SAFETY: releases the view obtained above, exactly once.
         unsafe { ffi::PyBuffer_Release(&mut view) };

@@ -15,8 +15,11 @@ from typing import Any
 from ._util import fds_released, on_both
 
 # Sizes within 2x of each other (so that objects are reused) and outside
-# (so that new ones are made), in one read each.
-SIZES = [1024, 700, 1024, 1000, 513, 1024, 3000, 1600, 2900, 40, 30, 64, 1024, 1, 2, 1024] * 3
+# (so that new ones are made), in one read each. The transport reads into
+# the last object it gave back (when free) and past it into its own buffer:
+# a message within 2x of that object lands in it, a larger one spans both.
+SIZES = [1024, 700, 1024, 1000, 513, 1024, 3000, 1600, 2900, 40, 30, 64, 1024, 1, 2, 1024]
+SIZES = (SIZES + [10_000, 9_000, 20_000, 30_000, 12_000, 5_000, 31_000, 16_000]) * 3
 
 
 def _message(i: int, size: int) -> bytes:
