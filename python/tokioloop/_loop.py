@@ -90,6 +90,9 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         self._csock: socket.socket | None = None
         self._wakeup_restore: int | None = None
         self._init_network()
+        # A subclass's own time() (a test loop's virtual clock) sets the
+        # loop's deadlines, as in asyncio.
+        self._refresh_time_hook()
 
     def __repr__(self) -> str:
         return (

@@ -19,7 +19,7 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyString, PyTuple};
 use pyo3::PyTraverseError;
 use rustc_hash::FxHashMap;
 
@@ -150,6 +150,10 @@ pub struct LoopCore {
     stopping: AtomicBool,
     closed: AtomicBool,
     debug: AtomicBool,
+    /// `time` is replaced on the instance (`mock.patch.object(loop, "time")`)
+    /// or overridden by a subclass: the loop's deadlines then come from
+    /// `self.time()`, as asyncio's do, instead of the native clock.
+    py_time: AtomicBool,
     /// threading.get_ident() of the thread running the loop, 0 if none.
     thread_id: AtomicU64,
     cancelled_timers: AtomicUsize,
@@ -438,8 +442,19 @@ impl LoopCore {
         Ok(h)
     }
 
+    /// The loop's time: the native clock, or `self.time()` when that is
+    /// replaced (see `py_time`).
+    pub(crate) fn now(slf: &Bound<'_, Self>) -> PyResult<f64> {
+        if slf.get().py_time.load(Ordering::Relaxed) {
+            return slf
+                .call_method0(pyo3::intern!(slf.py(), "time"))?
+                .extract::<f64>();
+        }
+        Ok(clock::monotonic())
+    }
+
     /// call_later's delay as a deadline.
-    pub(crate) fn deadline_after(delay: &Bound<'_, PyAny>) -> PyResult<f64> {
+    pub(crate) fn deadline_after(slf: &Bound<'_, Self>, delay: &Bound<'_, PyAny>) -> PyResult<f64> {
         if delay.is_none() {
             return Err(PyTypeError::new_err("delay must not be None"));
         }
@@ -456,7 +471,7 @@ impl LoopCore {
         if d.is_nan() {
             return Err(PyValueError::new_err("delay must not be NaN"));
         }
-        Ok(clock::monotonic() + d)
+        Ok(Self::now(slf)? + d)
     }
 
     /// call_at's `when`, checked.
@@ -625,6 +640,12 @@ impl LoopCore {
         let py = slf.py();
         let this = slf.get();
         let stopping = this.stopping.load(Ordering::Relaxed);
+        // A replaced time() is Python code: called before the state is borrowed.
+        let py_now = if this.py_time.load(Ordering::Relaxed) {
+            Some(Self::now(slf)?)
+        } else {
+            None
+        };
         // The common case of a busy loop: callbacks are ready and it is not
         // time to poll I/O: one pass over the state does the iteration.
         let fast = {
@@ -649,7 +670,7 @@ impl LoopCore {
                 if st.timers.len() > 0 {
                     st.timers
                         .purge_cancelled(&this.cancelled_timers, &mut garbage.timers);
-                    let end = clock::monotonic() + this.clock_resolution;
+                    let end = py_now.unwrap_or_else(clock::monotonic) + this.clock_resolution;
                     st.timers.pop_due(
                         end,
                         &this.cancelled_timers,
@@ -687,13 +708,17 @@ impl LoopCore {
         garbage.release(py);
 
         // Not busy, or time to look at I/O (the fast path was not taken).
-        let timeout = if busy {
-            Some(Duration::ZERO)
-        } else {
-            next_when.map(|when| {
-                let t = (when - clock::monotonic()).clamp(0.0, MAX_SELECT_TIMEOUT);
-                Duration::from_secs_f64(t)
-            })
+        let timeout = match next_when {
+            _ if busy => Some(Duration::ZERO),
+            None => None,
+            Some(when) => {
+                let now = match py_now {
+                    Some(now) => now,
+                    None => clock::monotonic(),
+                };
+                let t = (when - now).clamp(0.0, MAX_SELECT_TIMEOUT);
+                Some(Duration::from_secs_f64(t))
+            }
         };
         if has_fds || !busy || this.driver.has_sources() {
             let events = &mut rs.events;
@@ -732,7 +757,7 @@ impl LoopCore {
             this.driver.epfd()
         };
         let end = if has_timers {
-            clock::monotonic() + this.clock_resolution
+            Self::now(slf)? + this.clock_resolution
         } else {
             0.0
         };
@@ -942,6 +967,25 @@ impl LoopCore {
     }
 }
 
+fn is_time(name: &Bound<'_, PyString>) -> bool {
+    name.to_str().is_ok_and(|n| n == "time")
+}
+
+/// object's attribute assignment (`value` NULL: deletion).
+fn generic_setattr(
+    obj: &Bound<'_, PyAny>,
+    name: &Bound<'_, PyString>,
+    value: *mut ffi::PyObject,
+) -> PyResult<()> {
+    // SAFETY: `obj` and `name` are live objects; `value` is a live object
+    // or NULL, which PyObject_GenericSetAttr takes as a deletion. It returns
+    // -1 with an exception set on failure.
+    if unsafe { ffi::PyObject_GenericSetAttr(obj.as_ptr(), name.as_ptr(), value) } < 0 {
+        return Err(PyErr::fetch(obj.py()));
+    }
+    Ok(())
+}
+
 /// selectors' `_fileobj_to_fd`: an int, or an object with fileno().
 ///
 /// The type is tested before converting: converting a socket to an int
@@ -1017,6 +1061,7 @@ impl LoopCore {
             stopping: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             debug: AtomicBool::new(false),
+            py_time: AtomicBool::new(false),
             thread_id: AtomicU64::new(0),
             cancelled_timers: AtomicUsize::new(0),
             task_factory: GilCell::new(None),
@@ -1058,14 +1103,55 @@ impl LoopCore {
         self.debug()
     }
 
+    /// Attribute assignment as object's. Replacing `time` on the instance
+    /// (`mock.patch.object(loop, "time")`, as aiohttp's tests do) makes the
+    /// loop's deadlines come from it, as asyncio's come from `self.time()`.
+    fn __setattr__(
+        slf: &Bound<'_, Self>,
+        name: &Bound<'_, PyString>,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        generic_setattr(slf.as_any(), name, value.as_ptr())?;
+        if is_time(name) {
+            slf.get().py_time.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn __delattr__(slf: &Bound<'_, Self>, name: &Bound<'_, PyString>) -> PyResult<()> {
+        generic_setattr(slf.as_any(), name, std::ptr::null_mut())?;
+        if is_time(name) {
+            Self::_refresh_time_hook(slf)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `time` is the loop's own: not replaced on the instance nor
+    /// overridden by a subclass (Loop.__init__ asks, for subclasses).
+    fn _refresh_time_hook(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        let name = pyo3::intern!(py, "time");
+        let own = py.get_type::<LoopCore>().getattr(name)?;
+        let replaced = !slf.get_type().getattr(name)?.is(&own)
+            || match slf.getattr(pyo3::intern!(py, "__dict__")) {
+                Ok(d) => d.contains(name)?,
+                Err(_) => false,
+            };
+        slf.get().py_time.store(replaced, Ordering::Relaxed);
+        Ok(())
+    }
+
     #[getter(_debug)]
     fn get_debug_attr(&self) -> bool {
         self.debug()
     }
 
+    /// Any object, by its truth (asyncio's set_debug stores what it gets,
+    /// and callers pass 0 and 1 too).
     #[setter(_debug)]
-    fn set_debug_attr(&self, value: bool) {
-        self.debug.store(value, Ordering::Relaxed);
+    fn set_debug_attr(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.debug.store(value.is_truthy()?, Ordering::Relaxed);
+        Ok(())
     }
 
     #[getter]

@@ -213,7 +213,7 @@ unsafe extern "C" fn call_later(
         // SAFETY: as in call_soon.
         let lp = unsafe { with_loop(py, slf)? };
         let p = unsafe { parse(py, "call_later", Some("delay"), args, nargsf, kwnames)? };
-        let when = LoopCore::deadline_after(p.fixed.as_ref().expect("parsed"))?;
+        let when = LoopCore::deadline_after(&lp, p.fixed.as_ref().expect("parsed"))?;
         let a = unsafe { Args::from_slice(py, p.args)? };
         let h = LoopCore::schedule_at(&lp, when, &p.callback, a, p.context.as_ref(), "call_later")?;
         Ok(h.into_ptr())

@@ -153,6 +153,13 @@ def test_set_debug(loop: tokioloop.Loop) -> None:
     h = loop.call_soon(print)
     assert h._source_traceback is None
     h.cancel()
+    # Any object, by its truth, as asyncio's (aiohttp's tests pass 0 and 1).
+    loop.set_debug(1)
+    assert loop.get_debug()
+    loop.set_debug(0)
+    assert not loop.get_debug()
+    loop.set_debug([])
+    assert not loop.get_debug()
 
 
 def test_slow_callback_warning(loop: tokioloop.Loop, caplog: pytest.LogCaptureFixture) -> None:

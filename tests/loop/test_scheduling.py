@@ -8,6 +8,7 @@ import gc
 import math
 import time
 import weakref
+from unittest import mock
 
 import pytest
 
@@ -30,6 +31,64 @@ def test_time_is_monotonic_clock(loop: tokioloop.Loop) -> None:
     t = loop.time()
     b = time.monotonic()
     assert a <= t <= b
+
+
+def test_replaced_time_sets_deadlines(loop: tokioloop.Loop) -> None:
+    """As asyncio's, the loop reads deadlines off self.time(): a test that
+    replaces loop.time (aiohttp's do) fast-forwards timers; put back, the
+    native clock rules again."""
+    fired: list[str] = []
+
+    async def main() -> None:
+        now = loop.time()
+        with mock.patch.object(loop, "time") as t:
+            t.return_value = now
+            loop.call_at(now + 75, fired.append, "at")
+            loop.call_later(75, fired.append, "later")  # 75 s after the fake now
+            t.return_value = now + 74
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert fired == []
+            t.return_value = now + 75
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert fired == ["at", "later"]
+        assert "time" not in vars(loop)
+        start = time.monotonic()
+        await asyncio.sleep(0.05)  # the native clock again
+        assert 0.04 <= time.monotonic() - start < 5
+
+    loop.run_until_complete(main())
+
+
+def test_subclass_time_sets_deadlines() -> None:
+    """A loop subclass with a virtual clock (as asyncio's own test loop)."""
+
+    class VirtualClockLoop(tokioloop.Loop):
+        virtual = 1000.0
+
+        def time(self) -> float:
+            return self.virtual
+
+    loop = VirtualClockLoop()
+    try:
+        fired: list[float] = []
+
+        async def main() -> None:
+            loop.call_later(3600, lambda: fired.append(loop.time()))
+            sleeper = asyncio.ensure_future(asyncio.sleep(7200))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert fired == [] and not sleeper.done()
+            loop.virtual += 7200
+            await sleeper  # due at once: an hour of virtual time has passed
+            assert fired == [8200.0]
+
+        start = time.monotonic()
+        loop.run_until_complete(main())
+        assert time.monotonic() - start < 5
+    finally:
+        loop.close()
 
 
 def test_call_soon_order_and_args(loop: tokioloop.Loop) -> None:
