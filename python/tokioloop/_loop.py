@@ -274,6 +274,10 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             # that would have resolved the future.
             self._sock_abandon(sock, fut)
             raise
+        finally:
+            # The future holds the exception, whose traceback holds this
+            # frame: break the cycle, as asyncio's sock_* methods do.
+            fut = None  # type: ignore[assignment]
 
     async def sock_recv(self, sock: socket.socket, n: int) -> bytes:
         self._check_sock(sock)
@@ -284,20 +288,28 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             except BaseException:
                 self._sock_abandon(sock, r)
                 raise
+            finally:
+                r = None  # see _sock_wait
         return r
 
     async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
         self._check_sock(sock)
         r = self._sock_recv_into(sock, buf)
         if isinstance(r, _Future):
-            return await self._sock_wait(sock, r)
+            try:
+                return await self._sock_wait(sock, r)
+            finally:
+                r = None  # see _sock_wait
         return r
 
     async def sock_recvfrom(self, sock: socket.socket, bufsize: int) -> tuple[bytes, Any]:
         self._check_sock(sock)
         r = self._sock_recvfrom(sock, bufsize)
         if isinstance(r, _Future):
-            return await self._sock_wait(sock, r)
+            try:
+                return await self._sock_wait(sock, r)
+            finally:
+                r = None  # see _sock_wait
         return r
 
     async def sock_recvfrom_into(
@@ -308,7 +320,10 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             nbytes = len(buf)
         r = self._sock_recvfrom_into(sock, buf, nbytes)
         if isinstance(r, _Future):
-            return await self._sock_wait(sock, r)
+            try:
+                return await self._sock_wait(sock, r)
+            finally:
+                r = None  # see _sock_wait
         return r
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
@@ -327,7 +342,10 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         self._check_sock(sock)
         r = self._sock_sendto(sock, data, address)
         if isinstance(r, _Future):
-            return await self._sock_wait(sock, r)
+            try:
+                return await self._sock_wait(sock, r)
+            finally:
+                r = None  # see _sock_wait
         return r
 
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
@@ -348,7 +366,10 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         self._check_sock(sock)
         r = self._sock_accept(sock)
         if isinstance(r, _Future):
-            return await self._sock_wait(sock, r)
+            try:
+                return await self._sock_wait(sock, r)
+            finally:
+                r = None  # see _sock_wait
         return r
 
     _ensure_resolved = _B._ensure_resolved

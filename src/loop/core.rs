@@ -44,6 +44,7 @@ const MAX_SELECT_TIMEOUT: f64 = 24.0 * 3600.0;
 /// (1-4 ms), whichever comes first. Polling on every iteration would cost a
 /// syscall per step of a callback chain for nothing.
 const BUSY_POLL_ITERATIONS: u32 = 64;
+// Except right after the loop itself did I/O (`LoopCore::io_touched`).
 
 /// Per-run bookkeeping of the run loop.
 pub(crate) struct RunState {
@@ -154,6 +155,11 @@ pub struct LoopCore {
     /// or overridden by a subclass: the loop's deadlines then come from
     /// `self.time()`, as asyncio's do, instead of the native clock.
     py_time: AtomicBool,
+    /// The loop wrote, connected, closed or started watching something since
+    /// its last look at I/O, so something may be ready now: the next
+    /// iteration looks, as every asyncio iteration does (a transport's peer
+    /// in the same loop gets its data_received one iteration after write()).
+    io_touched: AtomicBool,
     /// threading.get_ident() of the thread running the loop, 0 if none.
     thread_id: AtomicU64,
     cancelled_timers: AtomicUsize,
@@ -282,6 +288,12 @@ impl LoopCore {
             ));
         }
         Ok(())
+    }
+
+    /// Something the loop did may have made an fd ready (see `io_touched`).
+    #[inline]
+    pub(crate) fn touch_io(&self) {
+        self.io_touched.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn new_op_id(&self) -> u64 {
@@ -528,6 +540,7 @@ impl LoopCore {
         w: Watcher,
         owner: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        self.touch_io();
         let Some(epfd) = self.driver.epfd() else {
             return Err(PyRuntimeError::new_err("Event loop is closed"));
         };
@@ -573,6 +586,16 @@ impl LoopCore {
         }
     }
 
+    /// The fd of `obj` for removing its watcher: its fileno(), or, when it
+    /// has none any more (a socket closed since it was registered), the fd
+    /// it was registered with, found by identity as asyncio's selectors do.
+    fn registered_fd(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+        match fileobj_to_fd(obj) {
+            Ok(fd) => Ok(fd),
+            Err(e) => self.with_state(py, |st| st.selector.fd_of(obj)).ok_or(e),
+        }
+    }
+
     /// Watch `fd` for reading with a native reader (replacing any reader).
     pub(crate) fn add_native_reader(
         &self,
@@ -613,7 +636,7 @@ impl LoopCore {
 
     fn add_handle_watcher(
         slf: &Bound<'_, Self>,
-        fd: &Bound<'_, PyAny>,
+        obj: &Bound<'_, PyAny>,
         callback: &Bound<'_, PyAny>,
         args: &Bound<'_, PyTuple>,
         kind: u32,
@@ -622,13 +645,17 @@ impl LoopCore {
         let py = slf.py();
         let this = slf.get();
         this.check_closed()?;
-        let fd = fileobj_to_fd(fd)?;
+        let fd = fileobj_to_fd(obj)?;
         let debug = this.debug();
         Self::check_callback(py, callback, method, debug)?;
         let data = Self::new_handle(slf, callback, Args::from_tuple(args), None, debug)?;
         let h = handle::new_handle(py, data, None)?;
         h.ensure_tracked();
-        this.set_watcher(py, fd, kind, Watcher::Py(h), None)
+        this.set_watcher(py, fd, kind, Watcher::Py(h), None)?;
+        let old = this.with_state(py, |st| st.selector.set_fileobj(fd, obj.clone().unbind()));
+        // Released outside the state: a decref may run Python code.
+        drop(old);
+        Ok(())
     }
 
     // ---- the run loop ----
@@ -658,7 +685,7 @@ impl LoopCore {
             } = &mut *rs;
             this.with_state(py, |st| {
                 // stop() makes the iteration poll I/O once more, as asyncio.
-                if st.ready.is_empty() || stopping {
+                if st.ready.is_empty() || stopping || this.io_touched.load(Ordering::Relaxed) {
                     return false;
                 }
                 *busy_iterations += 1;
@@ -742,6 +769,7 @@ impl LoopCore {
         }
         rs.busy_iterations = 0;
         rs.last_poll_coarse = clock::coarse_ns();
+        this.io_touched.store(false, Ordering::Relaxed);
         // A signal that arrived while we slept (Ctrl-C) is raised now, not at
         // the next bytecode boundary, which may be far away.
         // SAFETY: called with the GIL held; it only runs Python signal
@@ -1062,6 +1090,7 @@ impl LoopCore {
             closed: AtomicBool::new(false),
             debug: AtomicBool::new(false),
             py_time: AtomicBool::new(false),
+            io_touched: AtomicBool::new(false),
             thread_id: AtomicU64::new(0),
             cancelled_timers: AtomicUsize::new(0),
             task_factory: GilCell::new(None),
@@ -1390,7 +1419,7 @@ impl LoopCore {
     }
 
     fn remove_reader(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let fd = fileobj_to_fd(fd)?;
+        let fd = self.registered_fd(py, fd)?;
         if self.is_closed() {
             return Ok(false);
         }
@@ -1398,7 +1427,7 @@ impl LoopCore {
     }
 
     fn remove_writer(&self, py: Python<'_>, fd: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let fd = fileobj_to_fd(fd)?;
+        let fd = self.registered_fd(py, fd)?;
         if self.is_closed() {
             return Ok(false);
         }

@@ -2,18 +2,16 @@
 //!
 //! Tokio's reactor does the sleeping. It watches the transports' fds and
 //! (1) the private level-triggered epoll that holds add_reader/add_writer
-//! fds and pending sock_* operations (selector.rs), and (2) a Tokio timer
-//! for the nearest scheduled call. Everything that can end a wait (a
+//! fds and pending sock_* operations (selector.rs), and (2) a timerfd set
+//! for the nearest scheduled call (timerfd.rs). Everything that can end a wait (a
 //! transport's fd, the private epoll, call_soon_threadsafe and DNS results
 //! from other threads) reports through one `Signal`: a flag plus the waker
 //! of the blocked wait. The GIL is released by the caller for exactly the
 //! duration of `wait`.
 
 use std::cell::Cell;
-use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Poll, Wake, Waker};
@@ -24,6 +22,7 @@ use corosensei::{ScopedCoroutine, ScopedCoroutineRef, Yielder};
 use tokio::io::unix::AsyncFd;
 use tokio::runtime::Runtime;
 
+use super::timerfd::WakeTimer;
 use crate::fiber::stack::FiberStack;
 
 struct EpollFd(OwnedFd);
@@ -35,9 +34,10 @@ impl AsRawFd for EpollFd {
 }
 
 struct Io {
-    // Field order matters: the AsyncFd deregisters from the runtime's
-    // reactor when dropped, so it goes before the runtime.
+    // Field order matters: the AsyncFds deregister from the runtime's
+    // reactor when dropped, so they go before the runtime.
     afd: AsyncFd<EpollFd>,
+    timer: WakeTimer,
     rt: Runtime,
 }
 
@@ -196,9 +196,9 @@ fn epoll_wait_now(epfd: RawFd, events: &mut Events) {
 
 impl Driver {
     pub(crate) fn new() -> io::Result<Driver> {
+        // No Tokio timer: the loop's wake-ups come from its timerfd.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
-            .enable_time()
             .thread_name("tokioloop-blocking")
             .build()?;
         // SAFETY: epoll_create1 returns a new fd we exclusively own, or -1.
@@ -208,14 +208,15 @@ impl Driver {
         }
         // SAFETY: `raw` is a freshly created fd that nothing else owns.
         let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-        let afd = {
+        let (afd, timer) = {
             let _guard = rt.enter();
             // SAFETY: EpollFd owns the fd (OwnedFd), so it stays open and
             // refers to the same epoll instance until the AsyncFd is dropped.
-            unsafe {
+            let afd = unsafe {
                 AsyncFd::register_with_interest(EpollFd(owned), tokio::io::Interest::READABLE)
             }
-            .map_err(|e| e.into_parts().1)?
+            .map_err(|e| e.into_parts().1)?;
+            (afd, WakeTimer::new()?)
         };
         let signal = Arc::new(Signal {
             woken: AtomicBool::new(false),
@@ -228,7 +229,7 @@ impl Driver {
             signal: signal.clone(),
         }));
         Ok(Driver {
-            io: RwLock::new(Some(Io { afd, rt })),
+            io: RwLock::new(Some(Io { afd, timer, rt })),
             epfd: raw,
             ready: Arc::new(ReadyTokens {
                 list: Mutex::new(Vec::new()),
@@ -468,7 +469,7 @@ impl Driver {
         let signal = &*self.signal;
         match req {
             Block::Turn => io.rt.block_on(tokio::task::yield_now()),
-            Block::Sleep(t) => io.rt.block_on(sleep_until_signalled(signal, t)),
+            Block::Sleep(t) => io.rt.block_on(sleep_until_signalled(signal, &io.timer, t)),
             Block::Finish => {}
         }
     }
@@ -519,7 +520,7 @@ impl Driver {
                     match req {
                         Block::Finish => return,
                         Block::Turn => tokio::task::yield_now().await,
-                        Block::Sleep(t) => sleep_until_signalled(signal, t).await,
+                        Block::Sleep(t) => sleep_until_signalled(signal, &io.timer, t).await,
                     }
                     req = y.suspend(());
                 }
@@ -551,8 +552,9 @@ impl Driver {
             return false;
         };
         if let Some(io) = g.take() {
-            let Io { afd, rt } = io;
+            let Io { afd, timer, rt } = io;
             drop(afd);
+            drop(timer);
             rt.shutdown_background();
         }
         true
@@ -676,18 +678,20 @@ impl Drop for SessionGuard<'_, '_, '_> {
 }
 
 /// Sleep until something signals (the waker is registered before the flag
-/// is read, so a signal in between is not lost) or the timeout.
-async fn sleep_until_signalled(signal: &Signal, timeout: Option<Duration>) {
-    let mut sleep = pin!(timeout.map(tokio::time::sleep));
+/// is read, so a signal in between is not lost) or the timeout, which the
+/// loop's timer measures.
+async fn sleep_until_signalled(signal: &Signal, timer: &WakeTimer, timeout: Option<Duration>) {
+    if let Some(t) = timeout {
+        timer.arm(t);
+    }
     std::future::poll_fn(|cx| {
         signal.waker.register(cx.waker());
         if signal.take() {
             return Poll::Ready(());
         }
-        match sleep.as_mut().as_pin_mut() {
-            Some(sleep) => sleep.poll(cx),
-            None => Poll::Pending,
-        }
+        // Polled with or without a timeout: an earlier expiry that fires
+        // is consumed here either way (the loop then looks at its timers).
+        timer.poll_fired(cx)
     })
     .await
 }

@@ -16,6 +16,7 @@ pub(crate) mod recycle;
 pub(crate) mod selector;
 pub(crate) mod sock;
 mod spin;
+mod timerfd;
 mod timers;
 
 use pyo3::prelude::*;

@@ -65,6 +65,10 @@ pub(crate) struct Entry {
     /// reused for the same (still open) socket object, never for another
     /// socket that got the same fd number after a close.
     owner: Option<Py<PyAny>>,
+    /// The object add_reader/add_writer got (a socket, a file, an int), as
+    /// asyncio's SelectorKey.fileobj: remove_reader finds the fd of a socket
+    /// closed since (fileno() -1) by it.
+    fileobj: Option<Py<PyAny>>,
     /// What epoll has for this fd now (0: not registered).
     registered: u32,
 }
@@ -255,6 +259,25 @@ impl Selector {
         Ok((prev, old_owner))
     }
 
+    /// Remember `obj` as the object `fd` was registered for (see
+    /// `Entry::fileobj`); returns what it replaces (or `obj` itself when
+    /// nothing is registered), to be released outside the state.
+    pub(crate) fn set_fileobj(&mut self, fd: RawFd, obj: Py<PyAny>) -> Option<Py<PyAny>> {
+        match self.entries.get_mut(&fd) {
+            Some(e) => e.fileobj.replace(obj),
+            None => Some(obj),
+        }
+    }
+
+    /// The fd registered for the object `obj` (by identity), as asyncio's
+    /// selectors find a key when the object no longer has a valid fileno().
+    pub(crate) fn fd_of(&self, obj: &Bound<'_, PyAny>) -> Option<RawFd> {
+        self.entries
+            .iter()
+            .find(|(_, e)| e.fileobj.as_ref().is_some_and(|o| o.is(obj)))
+            .map(|(fd, _)| *fd)
+    }
+
     /// Remove the reader or writer of `fd` (asyncio's remove_reader &
     /// co.), returning it; the fd is unregistered when nothing is left.
     pub(crate) fn remove(&mut self, epfd: RawFd, fd: RawFd, kind: u32) -> Option<Leftovers> {
@@ -266,7 +289,11 @@ impl Selector {
         let _ = Self::sync(epfd, fd, entry, false);
         let now_active = entry.is_active();
         let owner = if !now_active && entry.sticky == 0 {
-            self.entries.remove(&fd).and_then(|e| e.owner)
+            // The socket of a native operation, or else the object given to
+            // add_reader/add_writer, is released by the caller outside the
+            // state (both at once only when both were used on one fd: then
+            // the same socket, which the owner keeps alive).
+            self.entries.remove(&fd).and_then(|e| e.owner.or(e.fileobj))
         } else {
             None
         };
@@ -403,6 +430,7 @@ impl Selector {
             garbage.extend(e.reader);
             garbage.extend(e.writer);
             owners.extend(e.owner);
+            owners.extend(e.fileobj);
         }
         self.active = 0;
     }
@@ -416,6 +444,7 @@ impl Selector {
                 w.visit(visit)?;
             }
             visit.call(&e.owner)?;
+            visit.call(&e.fileobj)?;
         }
         Ok(())
     }

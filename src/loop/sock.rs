@@ -621,6 +621,7 @@ impl LoopCore {
         address: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        slf.get().touch_io();
         slf.get().check_closed()?;
         try_now!(
             py,
@@ -645,6 +646,7 @@ impl LoopCore {
         data: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        slf.get().touch_io();
         let this = slf.get();
         this.check_closed()?;
         let fd = fileobj_to_fd(sock)?;
@@ -681,6 +683,7 @@ impl LoopCore {
         address: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
+        slf.get().touch_io();
         slf.get().check_closed()?;
         match sock.call_method1(pyo3::intern!(py, "connect"), (address,)) {
             Ok(_) => return Ok(py.None().into_bound(py)),

@@ -458,6 +458,7 @@ impl DatagramCore {
         data: &Bound<'_, PyAny>,
         addr: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
+        self.lp.bind(py).get().touch_io();
         if !(data.is_instance_of::<PyBytes>()
             || data.is_instance_of::<PyByteArray>()
             || data.is_instance_of::<PyMemoryView>())

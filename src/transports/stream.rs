@@ -687,6 +687,7 @@ impl StreamCore {
     fn on_writable(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
+        this.lp(py).get().touch_io();
         enum W {
             Nothing,
             Rearm,
@@ -945,6 +946,7 @@ impl StreamCore {
             if let Err(e) = f.bind(py).call_method0(pyo3::intern!(py, "close")) {
                 close_err = Some(e);
             }
+            this.lp(py).get().touch_io();
         }
         if let Some(w) = &wrapper {
             w.bind(py)
@@ -1174,6 +1176,7 @@ impl StreamCore {
         let py = slf.py();
         let this = slf.get();
         Self::check_data(data)?;
+        this.lp(py).get().touch_io();
         enum Next {
             Done,
             Buffered(bool),
@@ -1295,6 +1298,7 @@ impl StreamCore {
         });
         if shutdown {
             self.shutdown_write();
+            self.lp(py).get().touch_io();
         }
     }
 
@@ -1328,6 +1332,7 @@ impl StreamCore {
 
     fn resume_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
+        slf.get().lp(py).get().touch_io();
         let resume = slf.get().st.with(py, |s| {
             if s.closing || !s.paused {
                 return false;
@@ -1441,6 +1446,7 @@ impl StreamCore {
                 .remove_watcher(py, self.fd, crate::event_loop::selector::READ)?;
         }
         if let Some(f) = file {
+            self.lp(py).get().touch_io();
             f.bind(py).call_method0(pyo3::intern!(py, "close"))?;
         }
         Ok(())

@@ -344,3 +344,63 @@ def test_getaddrinfo_does_not_block_the_loop(
     loop.run_until_complete(main())
     assert len(ticks) >= 5  # the loop kept running during the lookup
     assert threads and threads[0] != threading.current_thread().name
+
+
+def test_failed_sock_connect_leaves_no_cycle(loop: tokioloop.Loop) -> None:
+    """The exception of a failed sock_* wait is referred to by nothing but
+    its catcher: no finished future of the loop's keeps it (and with it a
+    traceback's frames), as asyncio's sock_* methods take care of."""
+    import gc
+    import types
+
+    caught: list[OSError] = []
+
+    async def main() -> None:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            await loop.sock_connect(c, ("127.0.0.1", port))
+        except OSError as e:
+            caught.append(e)
+        finally:
+            c.close()
+
+    loop.run_until_complete(main())
+    assert len(caught) == 1 and isinstance(caught[0], ConnectionRefusedError)
+    refs = [
+        r
+        for r in gc.get_referrers(caught[0])
+        if r is not caught and not isinstance(r, types.FrameType)
+    ]
+    assert refs == []
+
+
+def test_remove_watchers_of_a_socket_closed_since(loop: tokioloop.Loop) -> None:
+    """A socket closed after add_reader/add_writer (fileno() is -1 now) is
+    still found by identity, as asyncio's selectors find their keys: the
+    watchers go, and a new socket that gets the same fd number is watched
+    afresh (anyio closes sockets before removing their watchers)."""
+    a, b = socket.socketpair()
+    loop.add_reader(a, print)
+    loop.add_writer(a, print)
+    a.close()
+    assert a.fileno() == -1
+    assert loop.remove_reader(a) is True
+    assert loop.remove_writer(a) is True
+    # Unregistered now: nothing to find it by (asyncio raises the same).
+    with pytest.raises(ValueError, match="Invalid file descriptor"):
+        loop.remove_reader(a)
+    c, d = socket.socketpair()
+    try:
+        seen: list[bytes] = []
+        loop.add_reader(c, lambda: seen.append(c.recv(10)))
+        d.send(b"new")
+        run_until(loop, lambda: seen == [b"new"])
+        loop.remove_reader(c)
+    finally:
+        for s in (b, c, d):
+            s.close()
