@@ -895,6 +895,11 @@ impl StreamCore {
         let this = slf.get();
         this.st.with(py, |s| s.started = true);
         if this.kind != Kind::WritePipe {
+            // A new registration learns of data already waiting only from
+            // the reactor: poll on the next iteration, as asyncio's (which
+            // polls every iteration) sees it one iteration after its
+            // add_reader.
+            this.lp(py).get().touch_io();
             StreamCore::arm(slf, READ);
         } else if this.watch_hangup {
             // The reader going away shows as an error/hang-up on the write

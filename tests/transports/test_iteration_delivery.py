@@ -94,6 +94,62 @@ def test_sock_sendall_reaches_a_same_loop_transport_within_two_iterations() -> N
     assert runs["tokioloop"].result <= 2
 
 
+class Named(asyncio.Protocol):
+    def __init__(self, name: str, events: list[str]) -> None:
+        self.name = name
+        self.events = events
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(f"{self.name}.data({data.decode()})")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.events.append(f"{self.name}.lost")
+
+
+async def _new_transport_order(loop: asyncio.AbstractEventLoop, kind: str) -> list[str]:
+    events: list[str] = []
+
+    async def make(name: str, sock: socket.socket) -> asyncio.BaseTransport:
+        if kind == "read pipe":
+            pipe = open(sock.detach(), "rb", buffering=0)  # noqa: SIM115 - the transport owns it
+            t, _ = await loop.connect_read_pipe(lambda: Named(name, events), pipe)
+        else:
+            t, _ = await loop.connect_accepted_socket(lambda: Named(name, events), sock)
+        return t
+
+    a1, a2 = socket.socketpair()
+    b1, b2 = socket.socketpair()
+    a1.send(b"x")
+    b1.send(b"y")
+    t1 = await make("1", a2)
+    await asyncio.sleep(0.02)
+    t2 = await make("2", b2)  # "y" is readable already
+    t1.close()  # its connection_lost comes in a later iteration
+    await asyncio.sleep(0.02)
+    t2.close()
+    a1.close()
+    b1.close()
+    await asyncio.sleep(0.01)
+    return events
+
+
+def test_data_waiting_for_a_new_transport_comes_before_later_callbacks() -> None:
+    """A transport made over an fd that is readable already gets its data
+    on the iteration after it starts, before what the coroutine that made it
+    schedules next (found by asyncssh's tests, which replace a channel's
+    stdin and expect the new one's data before the old one's
+    connection_lost)."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> dict[str, list[str]]:
+        return {kind: await _new_transport_order(loop, kind) for kind in ("socket", "read pipe")}
+
+    with fds_released():
+        runs = on_both(main, timeout=30)
+    want = ["1.data(x)", "2.data(y)", "1.lost", "2.lost"]
+    assert runs["asyncio"].result == {"socket": want, "read pipe": want}
+    assert runs["tokioloop"].result == {"socket": want, "read pipe": want}
+
+
 def test_short_sleeps_are_not_rounded_up_to_whole_milliseconds() -> None:
     """asyncio.sleep(0.001) waits about 1 ms (Tokio's timer wheel, which
     the loop no longer uses, rounded it up to 2.1 ms on average)."""
