@@ -506,9 +506,12 @@ impl LoopCore {
         Ok(w)
     }
 
+    /// A timer handle at `when`; `given`: the object call_at() was given
+    /// (see `Handle::keep_when`).
     pub(crate) fn schedule_at(
         slf: &Bound<'_, Self>,
         when: f64,
+        given: Option<&Bound<'_, PyAny>>,
         callback: &Bound<'_, PyAny>,
         args: Args,
         context: Option<&Bound<'_, PyAny>>,
@@ -522,7 +525,10 @@ impl LoopCore {
             this.check_thread()?;
         }
         Self::check_callback(py, callback, method, debug)?;
-        let base = Self::new_handle(slf, callback, args, context, debug)?;
+        let mut base = Self::new_handle(slf, callback, args, context, debug)?;
+        if let Some(g) = given {
+            base.keep_when(g);
+        }
         let th = handle::new_handle(py, base, Some(when))?;
         th.untrack();
         let entry = th.clone_ref(py);

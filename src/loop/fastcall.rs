@@ -215,7 +215,15 @@ unsafe extern "C" fn call_later(
         let p = unsafe { parse(py, "call_later", Some("delay"), args, nargsf, kwnames)? };
         let when = LoopCore::deadline_after(&lp, p.fixed.as_ref().expect("parsed"))?;
         let a = unsafe { Args::from_slice(py, p.args)? };
-        let h = LoopCore::schedule_at(&lp, when, &p.callback, a, p.context.as_ref(), "call_later")?;
+        let h = LoopCore::schedule_at(
+            &lp,
+            when,
+            None,
+            &p.callback,
+            a,
+            p.context.as_ref(),
+            "call_later",
+        )?;
         Ok(h.into_ptr())
     })
 }
@@ -230,9 +238,18 @@ unsafe extern "C" fn call_at(
         // SAFETY: as in call_soon.
         let lp = unsafe { with_loop(py, slf)? };
         let p = unsafe { parse(py, "call_at", Some("when"), args, nargsf, kwnames)? };
-        let when = LoopCore::deadline_at(p.fixed.as_ref().expect("parsed"))?;
+        let given = p.fixed.as_ref().expect("parsed");
+        let when = LoopCore::deadline_at(given)?;
         let a = unsafe { Args::from_slice(py, p.args)? };
-        let h = LoopCore::schedule_at(&lp, when, &p.callback, a, p.context.as_ref(), "call_at")?;
+        let h = LoopCore::schedule_at(
+            &lp,
+            when,
+            Some(given),
+            &p.callback,
+            a,
+            p.context.as_ref(),
+            "call_at",
+        )?;
         Ok(h.into_ptr())
     })
 }

@@ -160,6 +160,11 @@ pub(crate) struct Handle {
     /// True while the loop holds this handle in exactly one queue entry and
     /// has taken it off the garbage collector's lists (see `untrack`).
     untracked: AtomicBool,
+    /// The int given to call_at(), which when()/_when return as asyncio's
+    /// TimerHandle does (it keeps the object it was given). Only exact ints
+    /// are kept: they hold no references, so they cannot form a cycle with
+    /// this (possibly untracked) handle.
+    when_given: Option<Py<PyAny>>,
 }
 
 impl Drop for Handle {
@@ -191,6 +196,14 @@ impl Handle {
             source_traceback,
             repr: GilCell::new(None),
             untracked: AtomicBool::new(false),
+            when_given: None,
+        }
+    }
+
+    /// Keep `when` for when()/_when if it is an exact int (see `when_given`).
+    pub(crate) fn keep_when(&mut self, when: &Bound<'_, PyAny>) {
+        if when.is_exact_instance_of::<pyo3::types::PyInt>() {
+            self.when_given = Some(when.clone().unbind());
         }
     }
 
@@ -789,9 +802,17 @@ unsafe extern "C" fn m_when(slf: *mut ffi::PyObject, _: *mut ffi::PyObject) -> *
     guard(|py| {
         // SAFETY: see href.
         let h = unsafe { href(py, slf) };
-        let when = h.timer().map(|t| t.0).unwrap_or(f64::NAN);
-        Ok(pyo3::types::PyFloat::new(py, when).into_ptr())
+        Ok(when_of(py, &h))
     })
+}
+
+/// A timer's when()/_when: the int call_at() was given, else the float.
+fn when_of(py: Python<'_>, h: &HandleRef) -> *mut ffi::PyObject {
+    if let Some(w) = &h.get().when_given {
+        return w.clone_ref(py).into_ptr();
+    }
+    let when = h.timer().map(|t| t.0).unwrap_or(f64::NAN);
+    pyo3::types::PyFloat::new(py, when).into_ptr()
 }
 
 macro_rules! getter {
@@ -840,11 +861,7 @@ getter!(g_repr, |py, h| Ok(obj_or_none(
         .repr
         .with(py, |r| r.as_ref().map(|r| r.bind(py).clone()))
 )));
-getter!(g_when, |py, h| Ok(pyo3::types::PyFloat::new(
-    py,
-    h.timer().map(|t| t.0).unwrap_or(f64::NAN)
-)
-.into_ptr()));
+getter!(g_when, |py, h| Ok(when_of(py, &h)));
 getter!(g_scheduled, |py, h| Ok(pyo3::types::PyBool::new(
     py,
     h.timer().is_some_and(|t| t.1.load(Ordering::Relaxed))

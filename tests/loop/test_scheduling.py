@@ -228,6 +228,29 @@ def test_handle_api(loop: tokioloop.Loop) -> None:
     t2.cancel()
 
 
+def test_call_at_keeps_the_int_it_was_given(loop: tokioloop.Loop) -> None:
+    """asyncio's TimerHandle keeps the `when` object call_at() got: an int
+    stays an int in when() and _when (aiohttp rounds its timeouts up to
+    whole seconds and its tests check the type); it still orders among
+    float deadlines."""
+    fired: list[str] = []
+    now = loop.time()
+    at_int = math.ceil(now) + 1
+    h_int = loop.call_at(at_int, fired.append, "int")
+    h_float = loop.call_at(at_int - 0.5, fired.append, "float")
+    h_later = loop.call_later(0.01, fired.append, "later")
+    assert h_int.when() == at_int and type(h_int.when()) is int
+    assert type(h_int._when) is int  # type: ignore[attr-defined]
+    assert type(h_float.when()) is float and type(h_later.when()) is float
+    assert h_float < h_int and hash(h_int) == hash(float(at_int))
+    assert f"when={at_int}" in repr(h_int)
+    h_later.cancel()
+    assert type(h_int.when()) is int
+    with mock.patch.object(loop, "time", return_value=at_int + 1.0):
+        run_briefly(loop)
+    assert fired == ["float", "int"]
+
+
 def test_cancelled_handles_do_not_run(loop: tokioloop.Loop) -> None:
     seen: list[int] = []
     hs = [loop.call_soon(seen.append, i) for i in range(10)]
