@@ -52,7 +52,7 @@ pub(crate) struct Driver {
     /// Wakes the loop: shared with `ready` and the private epoll's waker.
     signal: Arc<Signal>,
     /// Tokio saw the private epoll become readable since our last look (set
-    /// by `EpollWaker`; the next `look` clears it and registers the waker
+    /// by its `FlagWaker`; the next `look` clears it and registers the waker
     /// again).
     epoll_signalled: Arc<AtomicBool>,
     /// The waker registered for the private epoll's readiness.
@@ -129,13 +129,25 @@ impl Wake for TokenWaker {
     }
 }
 
-/// The waker Tokio's reactor calls when the private epoll becomes readable.
-struct EpollWaker {
+/// The waker Tokio's reactor calls when the private epoll becomes readable
+/// or the wake-up timer fires: it sets the fd's flag (so the loop polls
+/// that fd's readiness only when the reactor saw it signal, instead of on
+/// every wait) and ends the wait.
+struct FlagWaker {
     signalled: Arc<AtomicBool>,
     signal: Arc<Signal>,
 }
 
-impl Wake for EpollWaker {
+impl FlagWaker {
+    fn waker(signalled: &Arc<AtomicBool>, signal: &Arc<Signal>) -> Waker {
+        Waker::from(Arc::new(FlagWaker {
+            signalled: signalled.clone(),
+            signal: signal.clone(),
+        }))
+    }
+}
+
+impl Wake for FlagWaker {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -208,6 +220,13 @@ impl Driver {
         }
         // SAFETY: `raw` is a freshly created fd that nothing else owns.
         let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+        let signal = Arc::new(Signal {
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
+        // Set: the first look at the private epoll registers its waker.
+        let epoll_signalled = Arc::new(AtomicBool::new(true));
+        let epoll_waker = FlagWaker::waker(&epoll_signalled, &signal);
         let (afd, timer) = {
             let _guard = rt.enter();
             // SAFETY: EpollFd owns the fd (OwnedFd), so it stays open and
@@ -216,18 +235,11 @@ impl Driver {
                 AsyncFd::register_with_interest(EpollFd(owned), tokio::io::Interest::READABLE)
             }
             .map_err(|e| e.into_parts().1)?;
-            (afd, WakeTimer::new()?)
+            // Set: the first wait registers the timer's waker.
+            let timer_signalled = Arc::new(AtomicBool::new(true));
+            let timer_waker = FlagWaker::waker(&timer_signalled, &signal);
+            (afd, WakeTimer::new(timer_signalled, timer_waker)?)
         };
-        let signal = Arc::new(Signal {
-            woken: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
-        });
-        // Set: the first look at the private epoll registers its waker.
-        let epoll_signalled = Arc::new(AtomicBool::new(true));
-        let epoll_waker = Waker::from(Arc::new(EpollWaker {
-            signalled: epoll_signalled.clone(),
-            signal: signal.clone(),
-        }));
         Ok(Driver {
             io: RwLock::new(Some(Io { afd, timer, rt })),
             epfd: raw,
@@ -679,19 +691,21 @@ impl Drop for SessionGuard<'_, '_, '_> {
 
 /// Sleep until something signals (the waker is registered before the flag
 /// is read, so a signal in between is not lost) or the timeout, which the
-/// loop's timer measures.
+/// loop's timer measures. The timer's expiry raises the signal too; it is
+/// consumed here when it fired, so that it does not end the next wait.
 async fn sleep_until_signalled(signal: &Signal, timer: &WakeTimer, timeout: Option<Duration>) {
     if let Some(t) = timeout {
         timer.arm(t);
     }
     std::future::poll_fn(|cx| {
         signal.waker.register(cx.waker());
-        if signal.take() {
+        // Polled with or without a timeout: an earlier expiry that fired is
+        // consumed either way (the loop then looks at its timers).
+        let fired = timer.poll_fired().is_ready();
+        if signal.take() || fired {
             return Poll::Ready(());
         }
-        // Polled with or without a timeout: an earlier expiry that fires
-        // is consumed here either way (the loop then looks at its timers).
-        timer.poll_fired(cx)
+        Poll::Pending
     })
     .await
 }
