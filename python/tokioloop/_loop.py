@@ -89,6 +89,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         self._ssock: socket.socket | None = None
         self._csock: socket.socket | None = None
         self._wakeup_restore: int | None = None
+        self._wakeup_forward = -1
         self._init_network()
         # A subclass's own time() (a test loop's virtual clock) sets the
         # loop's deadlines, as in asyncio.
@@ -502,6 +503,8 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
                 return
             if not data:
                 return
+            if self._wakeup_forward != -1:
+                self._forward_wakeup(data)
             for signum in data:
                 if signum:
                     self._handle_signal(signum)
@@ -517,7 +520,11 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
 
     def _install_wakeup_fd(self) -> None:
         """While running on the main thread, signals wake the loop (so that
-        Ctrl-C interrupts a loop sleeping in Tokio at once)."""
+        Ctrl-C interrupts a loop sleeping in Tokio at once).
+
+        A wakeup fd the application installed before (Twisted's reactor hears
+        SIGCHLD through one) is not lost: while the loop's is in its place,
+        every signal byte is passed on to it, and it is put back afterwards."""
         self._wakeup_restore = None
         if threading.current_thread() is not threading.main_thread():
             return
@@ -527,16 +534,33 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         except (ValueError, OSError):
             return
         self._wakeup_restore = old
+        if old not in (-1, csock.fileno()):
+            self._wakeup_forward = old
+
+    def _forward_wakeup(self, data: bytes) -> None:
+        try:
+            os.write(self._wakeup_forward, data)
+        except OSError:
+            # Full (Python itself drops the byte then) or closed by its owner.
+            pass
 
     def _restore_wakeup_fd(self) -> None:
         old, self._wakeup_restore = self._wakeup_restore, None
         if old is None or self._signal_handlers:
-            # Signal handlers keep our wakeup fd installed, as asyncio does.
+            # Signal handlers keep our wakeup fd installed, as asyncio does
+            # (and the forwarding to the application's, if any).
             return
+        ours = self._csock.fileno() if self._csock is not None else -1
         try:
-            signal.set_wakeup_fd(old)
+            current = signal.set_wakeup_fd(old)
+            if current not in (-1, ours):
+                # Somebody installed another one while the loop ran: theirs stays.
+                signal.set_wakeup_fd(current)
         except (ValueError, OSError):
             pass
+        # Bytes that came between the last read and the restore.
+        self._read_from_self()
+        self._wakeup_forward = -1
 
     def _check_signal(self, sig: Any) -> None:
         if not isinstance(sig, int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,53 @@ def test_add_signal_handler(loop: tokioloop.Loop) -> None:
     assert loop.remove_signal_handler(signal.SIGUSR1) is True
     assert loop.remove_signal_handler(signal.SIGUSR1) is False
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def test_an_applications_wakeup_fd_still_hears_its_signals(loop: tokioloop.Loop) -> None:
+    # Twisted's reactor on an asyncio loop hears SIGCHLD through a wakeup fd
+    # of its own, watched with add_reader. While run_forever() has the loop's
+    # wakeup fd in its place, the signal bytes must still reach it, and it
+    # must be installed again when the run ends.
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+    heard: list[bytes] = []
+
+    def on_wakeup() -> None:
+        heard.append(r.recv(100))
+        loop.stop()
+
+    old_handler = signal.signal(signal.SIGUSR2, lambda *a: None)
+    previous = signal.set_wakeup_fd(w.fileno())
+    try:
+        loop.add_reader(r, on_wakeup)
+        loop.call_later(0.01, os.kill, os.getpid(), signal.SIGUSR2)
+        loop.call_later(10, loop.stop)
+        loop.run_forever()
+        loop.remove_reader(r)
+        assert heard == [bytes([signal.SIGUSR2])]
+        # The application's wakeup fd is the installed one again.
+        assert signal.set_wakeup_fd(w.fileno()) == w.fileno()
+    finally:
+        signal.set_wakeup_fd(previous)
+        signal.signal(signal.SIGUSR2, old_handler)
+        r.close()
+        w.close()
+
+
+def test_a_wakeup_fd_installed_during_the_run_stays(loop: tokioloop.Loop) -> None:
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    previous = signal.set_wakeup_fd(-1)
+    try:
+        loop.call_soon(signal.set_wakeup_fd, w.fileno())
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert signal.set_wakeup_fd(-1) == w.fileno()
+    finally:
+        signal.set_wakeup_fd(previous)
+        r.close()
+        w.close()
 
 
 def test_signal_handler_errors(loop: tokioloop.Loop) -> None:
