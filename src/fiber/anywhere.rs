@@ -665,7 +665,8 @@ pub(crate) fn run_anywhere(
 /// Wraps a coroutine so that each of its steps runs on a runner fiber:
 /// synchronous code anywhere inside the coroutine can `await_`. A runner is
 /// held only while such code is suspended in `await_`; otherwise it goes
-/// back to the thread's idle runners when the step ends.
+/// back to the thread's idle runners when the step ends, unless greenlet
+/// is loaded (see `AcInner::pinned`).
 #[pyclass(
     frozen,
     weakref,
@@ -680,7 +681,52 @@ pub(crate) struct AnywhereCoroutine {
 struct AcInner {
     /// Runner bound to this coroutine while sync code waits in `await_`.
     runner: Option<Box<Fiber>>,
+    /// Idle runner kept for this coroutine's next steps once greenlet is
+    /// loaded. A greenlet keeps its C stack at the addresses where it was
+    /// started and can only be switched to from that same stack: one started
+    /// in a step (SQLAlchemy's asyncio layer, greenback's portal) and resumed
+    /// in a later step that ran on another runner's stack would have its
+    /// saved stack copied over that other stack (another task's live frames),
+    /// or make greenlet abort. Running every step of the coroutine on one
+    /// stack keeps greenlet's picture of a single C stack true for it.
+    pinned: Option<Box<Fiber>>,
     running: bool,
+}
+
+/// Whether the greenlet module has been imported (once it has, it stays
+/// true: a module that was loaded may have left greenlets behind).
+fn greenlet_loaded(py: Python<'_>) -> bool {
+    static SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SEEN.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    // SAFETY: GIL held; PyImport_GetModuleDict returns a borrowed reference
+    // to sys.modules, a dict that lives as long as the interpreter.
+    let modules = unsafe {
+        Bound::from_borrowed_ptr(py, ffi::PyImport_GetModuleDict()).cast_into_unchecked::<PyDict>()
+    };
+    let found = modules
+        .contains(pyo3::intern!(py, "greenlet"))
+        .unwrap_or(false);
+    if found {
+        SEEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    found
+}
+
+/// Lets go of a coroutine's pinned idle runner: back to this thread's idle
+/// runners, or, off its thread or at interpreter shutdown, dropped (its
+/// stack holds only the runner loop and no references; `Fiber::drop` keeps
+/// the slot out of the pool rather than unwind it).
+///
+/// # Safety
+/// GIL held; `r` is idle (its last resume returned StepDone).
+unsafe fn let_go_pinned(py: Python<'_>, r: Box<Fiber>) {
+    if r.on_owner_thread() && !core::finalizing() {
+        core::release_runner(py, r);
+    } else {
+        drop(r);
+    }
 }
 
 // SAFETY: as for RunAnywhere.
@@ -714,7 +760,15 @@ impl AnywhereCoroutine {
                     self.settle(py, r, res)
                 }
                 None => {
-                    let mut r = core::take_runner();
+                    let mut r = match (*inner).pinned.take() {
+                        Some(p) if p.on_owner_thread() => p,
+                        other => {
+                            // Another thread steps it: a runner of its own
+                            // (greenlets cannot cross threads anyway).
+                            (*inner).pinned = other;
+                            core::take_runner()
+                        }
+                    };
                     let step = Step {
                         coro: self.coro.clone_ref(py),
                         action: match action {
@@ -742,7 +796,20 @@ impl AnywhereCoroutine {
                 Outcome::Yielded(y)
             }
             Ok(Resumed::StepDone(o)) => {
-                core::release_runner(py, r);
+                let inner = self.inner();
+                // More steps come (the coroutine yielded) and greenlets may be
+                // about: they run on this runner's stack.
+                let keep = matches!(o, Outcome::Yielded(_)) && greenlet_loaded(py);
+                if keep && (*inner).pinned.is_none() {
+                    (*inner).pinned = Some(r);
+                } else {
+                    core::release_runner(py, r);
+                }
+                if !keep {
+                    if let Some(p) = (*inner).pinned.take() {
+                        let_go_pinned(py, p);
+                    }
+                }
                 o
             }
             Ok(Resumed::Finished(_)) => Outcome::Raised(PyRuntimeError::new_err(
@@ -766,6 +833,9 @@ impl AnywhereCoroutine {
         unsafe {
             if (*inner).running {
                 return Err(PyValueError::new_err("coroutine already executing"));
+            }
+            if let Some(p) = (*inner).pinned.take() {
+                let_go_pinned(py, p);
             }
             let Some(mut r) = (*inner).runner.take() else {
                 self.coro
@@ -850,6 +920,7 @@ impl AnywhereCoroutine {
             coro,
             inner: UnsafeCell::new(AcInner {
                 runner: None,
+                pinned: None,
                 running: false,
             }),
         }
@@ -967,6 +1038,11 @@ impl AnywhereCoroutine {
 
 impl Drop for AnywhereCoroutine {
     fn drop(&mut self) {
+        if let Some(p) = self.inner.get_mut().pinned.take() {
+            // SAFETY: pyo3 drops pyclass contents in tp_dealloc, with the
+            // GIL; a pinned runner is idle.
+            unsafe { let_go_pinned(Python::assume_attached(), p) };
+        }
         if self.inner.get_mut().runner.is_some() {
             // SAFETY: pyo3 drops pyclass contents in tp_dealloc, with the GIL.
             let py = unsafe { Python::assume_attached() };

@@ -1,0 +1,122 @@
+"""Greenlets inside await-anywhere tasks (SQLAlchemy's asyncio layer and
+greenback's portal start greenlets inside a task and resume them in later
+steps).
+
+A greenlet keeps its C stack at the addresses where it was started, so it
+may only be resumed from that same stack. Once greenlet is loaded, every step
+of an await-anywhere task runs on the same runner stack. Without that, a
+step running on another runner resumed the greenlet over the stack of
+whichever task held the first runner meanwhile (suspended in await_): the
+process aborted in greenlet or that task's frames were overwritten.
+Run in a child process: the failure is a crash.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio, greenlet, tokioloop
+
+    async def starts_a_greenlet(i):
+        def body():
+            local = list(range(i, i + 8))
+            got = greenlet.getcurrent().parent.switch("started")
+            more = greenlet.getcurrent().parent.switch(sum(local) + got)
+            return more * 2
+        g = greenlet.greenlet(body)
+        assert g.switch() == "started"  # started in this step, on its stack
+        await asyncio.sleep(0)  # the step ends; another task takes the runner
+        await asyncio.sleep(0.02)
+        first = g.switch(1000)  # resumed in a later step
+        await asyncio.sleep(0)
+        second = g.switch(21)
+        return first, second
+
+    async def holds_a_runner(i):
+        def sync():
+            marker = list(range(100))
+            tokioloop.await_(asyncio.sleep(0.06))  # suspended on its runner
+            return sum(marker) + i
+        return sync()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(tokioloop.anywhere_task)
+        tasks = []
+        for i in range(6):
+            tasks.append(asyncio.create_task(starts_a_greenlet(i)))
+            tasks.append(asyncio.create_task(holds_a_runner(i)))
+        results = await asyncio.gather(*tasks)
+        for i in range(6):
+            assert results[2 * i] == (sum(range(i, i + 8)) + 1000, 42), results[2 * i]
+            assert results[2 * i + 1] == 4950 + i, results[2 * i + 1]
+        print("ok")
+
+    asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+    """
+)
+
+
+def test_greenlets_resumed_in_later_steps_of_anywhere_tasks() -> None:
+    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["ok"]
+
+
+SQLA_LIKE = textwrap.dedent(
+    """
+    # The shape of SQLAlchemy's greenlet_spawn/await_only: sync code in a
+    # child greenlet hands awaitables to its parent, which awaits them in the
+    # task; many tasks at once, some of them suspended in tokioloop.await_.
+    import asyncio, greenlet, tokioloop
+
+    def await_only(aw):
+        return greenlet.getcurrent().parent.switch(aw)
+
+    async def greenlet_spawn(fn, *args):
+        g = greenlet.greenlet(fn)
+        result = g.switch(*args)
+        while not g.dead:
+            value = await result
+            result = g.switch(value)
+        return result
+
+    async def query(x):
+        await asyncio.sleep(0.001 * (x % 3))
+        return x + 1
+
+    def sync_work(i):
+        total = 0
+        for k in range(5):
+            total += await_only(query(i * 10 + k))
+        return total
+
+    async def user(i):
+        r = await greenlet_spawn(sync_work, i)
+        if i % 2:
+            r += tokioloop.await_(query(0))  # a runner held across a suspension
+        return r
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(tokioloop.anywhere_task)
+        got = await asyncio.gather(*(asyncio.create_task(user(i)) for i in range(40)))
+        want = [sum(i * 10 + k + 1 for k in range(5)) + (1 if i % 2 else 0) for i in range(40)]
+        assert got == want, (got, want)
+        print("ok")
+
+    asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+    """
+)
+
+
+def test_greenlet_spawn_pattern_in_many_anywhere_tasks() -> None:
+    p = subprocess.run(
+        [sys.executable, "-c", SQLA_LIKE], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["ok"]
