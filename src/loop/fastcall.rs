@@ -137,11 +137,28 @@ fn remember_context_kwnames(kwnames: *mut ffi::PyObject) {
     }
 }
 
+/// Run `f` with the token of the thread CPython called a C slot or method
+/// of ours on. CPython only calls them attached, also while it finalizes:
+/// a `__del__` run by the last collection that cancels a handle or calls
+/// `call_soon_threadsafe()` (aiodns' resolver does) comes when
+/// `Py_IsInitialized()` is already false, where `Python::attach` panics, and
+/// a panic there aborts the process.
+pub(crate) fn in_c_slot<R>(f: impl FnOnce(Python<'_>) -> R) -> R {
+    // SAFETY: reads a flag of the runtime, valid at any time.
+    if unsafe { ffi::Py_IsInitialized() } != 0 {
+        Python::attach(f)
+    } else {
+        // SAFETY: the caller is a C slot or method CPython called, which it
+        // does only with this thread attached.
+        f(unsafe { Python::assume_attached() })
+    }
+}
+
 /// Run `f` as the body of a C method: with the thread attached (pyo3's
 /// accounting of it included), errors set as the Python exception, panics
 /// turned into exceptions instead of unwinding into C.
 fn trampoline(f: impl FnOnce(Python<'_>) -> PyResult<*mut ffi::PyObject>) -> *mut ffi::PyObject {
-    Python::attach(
+    in_c_slot(
         |py| match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(py))) {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {

@@ -719,8 +719,8 @@ unsafe extern "C" fn handle_clear(obj: *mut ffi::PyObject) -> c_int {
 
 /// Body of a C slot or method: attached, errors raised, panics contained.
 fn guard(f: impl FnOnce(Python<'_>) -> PyResult<*mut ffi::PyObject>) -> *mut ffi::PyObject {
-    Python::attach(
-        |py| match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(py))) {
+    super::fastcall::in_c_slot(|py| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(py))) {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 e.restore(py);
@@ -731,8 +731,8 @@ fn guard(f: impl FnOnce(Python<'_>) -> PyResult<*mut ffi::PyObject>) -> *mut ffi
                     .restore(py);
                 ptr::null_mut()
             }
-        },
-    )
+        }
+    })
 }
 
 /// # Safety

@@ -211,3 +211,47 @@ def test_debug_from_environment(env: dict[str, str], args: list[str]) -> None:
         check=True,
     ).stdout.strip()
     assert out == ("True" if env or args else "False")
+
+
+AT_SHUTDOWN = """
+import asyncio, sys, tokioloop
+
+class Holder:
+    # Freed only by the collector: at interpreter shutdown, by its last
+    # collection, when Py_IsInitialized() is already false.
+    def __init__(self, loop):
+        self.loop = loop
+        self.timer = loop.call_later(100, print, "never")
+        self.handle = loop.call_at(loop.time() + 50, print, "never")
+        self.cycle = self
+
+    def __del__(self):
+        self.timer.cancel()
+        self.handle.cancel()
+        assert self.timer.cancelled() and self.handle.cancelled()
+        self.timer.when()
+        try:
+            self.loop.call_soon_threadsafe(print, "never")
+            self.loop.call_soon(print, "never")
+        except RuntimeError:
+            pass  # the loop is closed: asyncio raises too
+        sys.stderr.write("del ran\\n")
+
+async def main():
+    Holder(asyncio.get_running_loop())
+    Holder(asyncio.get_running_loop()).loop = tokioloop.new_event_loop()  # one open loop
+
+asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+print("exiting", flush=True)
+"""
+
+
+def test_handles_and_loop_methods_from_del_at_interpreter_shutdown() -> None:
+    # aiodns' resolver cancels its timer in __del__: the process aborted
+    # (a panic in pyo3's attach) when that ran during the final collection.
+    p = subprocess.run(
+        [sys.executable, "-c", AT_SHUTDOWN], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["exiting"]
+    assert p.stderr.count("del ran") == 2, p.stderr[-2000:]
