@@ -484,9 +484,11 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
             csock.setblocking(False)
             self._ssock, self._csock = ssock, csock
             self.add_reader(ssock.fileno(), self._read_from_self)
+            self._set_self_pipe(ssock.fileno())
         return self._csock
 
     def _close_self_pipe(self) -> None:
+        self._set_self_pipe(-1)
         if self._ssock is not None:
             self._ssock.close()
             self._ssock = None

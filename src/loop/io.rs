@@ -376,6 +376,17 @@ impl Driver {
         }
     }
 
+    /// One epoll_wait(0) on the private epoll alone (add_reader/add_writer
+    /// watchers and pending sock_* operations), without a reactor turn; for
+    /// the busy iterations that do not poll everything. Needs no GIL release.
+    pub(crate) fn look_watchers(&self, events: &mut Events) {
+        events.clear();
+        let g = self.io.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(io) = g.as_ref() {
+            self.look(io, events);
+        }
+    }
+
     /// Whether the private epoll may hold events: Tokio saw it signal since
     /// the last look, or the last look found events (level-triggered ones
     /// stay ready without signalling again). Otherwise the last look found

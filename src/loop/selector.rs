@@ -88,6 +88,10 @@ impl Entry {
         self.reader.is_some() || self.writer.is_some()
     }
 
+    fn has_callback(&self) -> bool {
+        matches!(self.reader, Some(Watcher::Py(_))) || matches!(self.writer, Some(Watcher::Py(_)))
+    }
+
     /// The epoll mask this entry needs: level-triggered (asyncio's
     /// semantics) as soon as any Python callback or native reader is
     /// there; edge-triggered when only native socket operations are, with
@@ -122,6 +126,9 @@ pub(crate) struct Selector {
     entries: HashMap<RawFd, Entry>,
     /// Entries with at least one watcher.
     active: usize,
+    /// Entries with a Python callback (add_reader/add_writer), which busy
+    /// iterations look at (see `LoopCore::run_once`).
+    with_callbacks: usize,
 }
 
 fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, mask: u32) -> io::Result<()> {
@@ -177,10 +184,20 @@ impl Selector {
         self.active == 0
     }
 
-    fn recount(&mut self, was_active: bool, now_active: bool) {
-        match (was_active, now_active) {
+    /// How many fds have an add_reader/add_writer callback.
+    pub(crate) fn with_callbacks(&self) -> usize {
+        self.with_callbacks
+    }
+
+    fn recount(&mut self, was: (bool, bool), now: (bool, bool)) {
+        match (was.0, now.0) {
             (false, true) => self.active += 1,
             (true, false) => self.active -= 1,
+            _ => {}
+        }
+        match (was.1, now.1) {
+            (false, true) => self.with_callbacks += 1,
+            (true, false) => self.with_callbacks -= 1,
             _ => {}
         }
     }
@@ -218,6 +235,7 @@ impl Selector {
     ) -> Result<Leftovers, (io::Error, Watcher)> {
         let entry = self.entries.entry(fd).or_default();
         let was_active = entry.is_active();
+        let was_cb = entry.has_callback();
         let mut old_owner = None;
         let force = match owner {
             // A native operation: reuse the registration only for the very
@@ -254,8 +272,8 @@ impl Selector {
             drop(old_owner);
             return Err((e, failed));
         }
-        let now_active = entry.is_active();
-        self.recount(was_active, now_active);
+        let now = (entry.is_active(), entry.has_callback());
+        self.recount((was_active, was_cb), now);
         Ok((prev, old_owner))
     }
 
@@ -282,12 +300,13 @@ impl Selector {
     /// co.), returning it; the fd is unregistered when nothing is left.
     pub(crate) fn remove(&mut self, epfd: RawFd, fd: RawFd, kind: u32) -> Option<Leftovers> {
         let entry = self.entries.get_mut(&fd)?;
-        let was_active = entry.is_active();
+        let was = (entry.is_active(), entry.has_callback());
         let prev = entry.slot(kind).take();
         entry.sticky &= !kind;
         prev.as_ref()?;
         let _ = Self::sync(epfd, fd, entry, false);
         let now_active = entry.is_active();
+        let now_cb = entry.has_callback();
         let owner = if !now_active && entry.sticky == 0 {
             // The socket of a native operation, or else the object given to
             // add_reader/add_writer, is released by the caller outside the
@@ -297,7 +316,7 @@ impl Selector {
         } else {
             None
         };
-        self.recount(was_active, now_active);
+        self.recount(was, (now_active, now_cb));
         Some((prev, owner))
     }
 
@@ -315,17 +334,17 @@ impl Selector {
             Some(Watcher::Native(op, _)) if op.id() == id => {}
             _ => return None,
         }
-        let was_active = entry.is_active();
+        let was = (entry.is_active(), entry.has_callback());
         let prev = entry.slot(kind).take();
         if entry.owner.is_some() {
             entry.sticky |= kind;
         }
         let _ = Self::sync(epfd, fd, entry, false);
-        let now_active = entry.is_active();
-        if !now_active && entry.sticky == 0 {
+        let now = (entry.is_active(), entry.has_callback());
+        if !now.0 && entry.sticky == 0 {
             self.entries.remove(&fd);
         }
-        self.recount(was_active, now_active);
+        self.recount(was, now);
         prev
     }
 
@@ -433,6 +452,7 @@ impl Selector {
             owners.extend(e.fileobj);
         }
         self.active = 0;
+        self.with_callbacks = 0;
     }
 
     pub(crate) fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {

@@ -404,3 +404,46 @@ def test_remove_watchers_of_a_socket_closed_since(loop: tokioloop.Loop) -> None:
     finally:
         for s in (b, c, d):
             s.close()
+
+
+def test_a_ready_reader_runs_within_a_chain_of_callbacks(loop: tokioloop.Loop) -> None:
+    # asyncio polls its selector on every iteration: a reader whose socket
+    # became readable runs after the next hop of a call_soon chain, not after
+    # the whole chain (tornado's TLS tests count on it). The loop's native
+    # transports are not involved here: only add_reader callbacks.
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    events: list[object] = []
+
+    def reader() -> None:
+        events.append("read")
+        b.recv(100)
+
+    def hop(i: int) -> None:
+        events.append(i)
+        if i == 0:
+            a.send(b"x")
+        if i < 50:
+            loop.call_soon(hop, i + 1)
+        else:
+            loop.stop()
+
+    loop.add_reader(b, reader)
+    loop.call_soon(hop, 0)
+    loop.run_forever()
+    assert events.index("read") <= 3, events[:10]
+
+    async def yields_until_read() -> int:
+        events.clear()
+        a.send(b"y")
+        hops = 0
+        while "read" not in events and hops < 1000:
+            await asyncio.sleep(0)
+            hops += 1
+        return hops
+
+    assert loop.run_until_complete(yields_until_read()) <= 3
+    loop.remove_reader(b)
+    a.close()
+    b.close()
