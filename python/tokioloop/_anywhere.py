@@ -13,6 +13,10 @@ does depends on where it is called:
   ``asyncio.to_thread``, asgiref's ``sync_to_async``, once the loop wraps
   submitted functions with :func:`wrap_for_executor`): ``x`` is submitted to
   that loop and the worker blocks until it is done;
+* on the thread-sensitive worker of an asgiref ``ThreadSensitiveContext``
+  (a Django sync view): through asgiref's ``async_to_sync``, which serves
+  the thread-sensitive ``sync_to_async`` calls the awaitable makes (Django's
+  async ORM) on this thread while it waits, instead of hanging on them;
 * on a thread whose loop is running, outside a fiber: RuntimeError.
 """
 
@@ -202,6 +206,34 @@ def _new_thread_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def _thread_sensitive_worker() -> Any:
+    """asgiref's sync module when this thread is the thread-sensitive worker
+    of the current asgiref ``ThreadSensitiveContext`` (a Django sync view
+    runs on one), else None."""
+    sync = sys.modules.get("asgiref.sync")
+    if sync is None:
+        return None
+    s2a = getattr(sync, "SyncToAsync", None)
+    var = getattr(s2a, "thread_sensitive_context", None)
+    ctx = var.get(None) if var is not None else None
+    if ctx is None:
+        return None
+    executor = getattr(s2a, "context_to_thread_executor", {}).get(ctx)
+    if executor is None:
+        return None
+    me = threading.current_thread()
+    # A ThreadPoolExecutor adds a worker to _threads only after starting it,
+    # which may be after the worker took its first job: its name tells too.
+    prefix = getattr(executor, "_thread_name_prefix", None)
+    if me in getattr(executor, "_threads", ()) or (prefix and me.name.startswith(prefix + "_")):
+        return sync
+    return None
+
+
+async def _await_it(aw: Awaitable[T]) -> T:
+    return await aw
+
+
 def _await_outside_fiber(aw: Awaitable[T]) -> T:
     """await_() where no fiber can be suspended (called by the native
     await_)."""
@@ -210,6 +242,13 @@ def _await_outside_fiber(aw: Awaitable[T]) -> T:
     if _get_running_loop() is not None:
         _discard(aw)
         raise RuntimeError(_ON_LOOP_MESSAGE)
+    sync = _thread_sensitive_worker()
+    if sync is not None:
+        # Thread-sensitive sync_to_async calls made by the awaitable (Django's
+        # async ORM) are routed to this very thread: blocking it would hang
+        # them and the request. asgiref's async_to_sync runs the awaitable on
+        # the outer loop and serves them on this thread while it waits.
+        return cast(T, sync.async_to_sync(_await_it)(aw))
     state = _thread_state
     owner = state.owner
     if owner is not None:

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import gc
+import subprocess
 import sys
 import threading
 import weakref
@@ -303,3 +304,46 @@ def test_wrapped_function_restores_previous_owner() -> None:
     finally:
         loop1.close()
         loop2.close()
+
+
+THREAD_SENSITIVE = """
+import asyncio, sys, threading, tokioloop
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+
+def db_work():
+    return threading.current_thread().name
+
+async def uses_the_orm():
+    await asyncio.sleep(0.001)
+    return await sync_to_async(db_work)()  # thread_sensitive=True, as Django's ORM
+
+def sync_view():
+    me = threading.current_thread().name
+    return me, tokioloop.await_(uses_the_orm())
+
+async def main():
+    async with ThreadSensitiveContext():  # Django's ASGIHandler, per request
+        view, orm = await asyncio.wait_for(sync_to_async(sync_view)(), 10)
+    assert view == orm, (view, orm)  # served on the view's own thread
+    print("ok")
+
+factory = tokioloop.new_event_loop if sys.argv[1] == "tokioloop" else asyncio.new_event_loop
+asyncio.run(main(), loop_factory=factory)
+"""
+
+
+@pytest.mark.parametrize("loop_kind", ["tokioloop", "asyncio"])
+def test_await_in_a_thread_sensitive_sync_view_serves_the_orm(loop_kind: str) -> None:
+    # A Django sync view runs on the worker of the request's asgiref
+    # ThreadSensitiveContext; an awaitable that calls thread-sensitive
+    # sync_to_async (the async ORM) needs that very thread. await_ there goes
+    # through async_to_sync, which serves those calls while it waits; it
+    # hung before.
+    p = subprocess.run(
+        [sys.executable, "-c", THREAD_SENSITIVE, loop_kind],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["ok"]
