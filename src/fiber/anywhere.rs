@@ -118,6 +118,43 @@ fn throw_into(py: Python<'_>, it: &Bound<'_, PyAny>, e: PyErr) -> Outcome {
     }
 }
 
+const IN_GREENLET: &str = "tokioloop.await_() cannot suspend inside a greenlet other than the \
+thread's main one (greenback's portal, gevent, SQLAlchemy's greenlet_spawn): greenlet keeps one \
+current greenlet per thread, and greenlet switches that other tasks make while this fiber waits \
+would be taken for this greenlet's and corrupt the stack. Await there with that library's own \
+means (greenback.await_), or call await_ outside the greenlet.";
+
+const START_IN_GREENLET: &str = "a tokioloop fiber (run_anywhere(), a step of an \
+await-anywhere task) cannot start inside a greenlet other than the thread's main one \
+(greenback's portal, gevent): greenlet cannot switch between the fiber's stack and that \
+greenlet's (code on the fiber calling greenback.await_ would abort the process). Use either \
+greenback's portal or tokioloop's await-anywhere in a task, not both.";
+
+/// Whether this thread is running inside a greenlet other than its main
+/// one (only if greenlet is loaded). A fiber must not suspend then: see
+/// `IN_GREENLET`.
+fn in_child_greenlet(py: Python<'_>) -> bool {
+    if !greenlet_loaded(py) {
+        return false;
+    }
+    static GETCURRENT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let Ok(getcurrent) = GETCURRENT.get_or_try_init(py, || {
+        py.import("greenlet")?
+            .getattr("getcurrent")
+            .map(Bound::unbind)
+    }) else {
+        return false;
+    };
+    match getcurrent
+        .bind(py)
+        .call0()
+        .and_then(|g| g.getattr(pyo3::intern!(py, "parent")))
+    {
+        Ok(parent) => !parent.is_none(),
+        Err(_) => false,
+    }
+}
+
 /// `await_` on an await-capable fiber.
 ///
 /// # Safety
@@ -134,6 +171,11 @@ unsafe fn await_in_fiber(
             Outcome::Returned(v) => return Ok(v),
             Outcome::Raised(e) => return Err(e),
             Outcome::Yielded(y) => {
+                if in_child_greenlet(py) {
+                    drop(y);
+                    r = throw_into(py, &it, PyRuntimeError::new_err(IN_GREENLET));
+                    continue;
+                }
                 r = match core::suspend(fp, core::Out::Yield(y)) {
                     In::Send(v) => {
                         let v = v.into_bound(py);
@@ -406,6 +448,10 @@ impl RunAnywhere {
                         }
                     }
                     (*inner).awaited = true;
+                    if in_child_greenlet(py) {
+                        (*inner).fiber = None;
+                        return Outcome::Raised(PyRuntimeError::new_err(START_IN_GREENLET));
+                    }
                 }
                 _ => {}
             }
@@ -758,6 +804,9 @@ impl AnywhereCoroutine {
                     };
                     let res = core::resume(py, fp, msg);
                     self.settle(py, r, res)
+                }
+                None if in_child_greenlet(py) => {
+                    Outcome::Raised(PyRuntimeError::new_err(START_IN_GREENLET))
                 }
                 None => {
                     let mut r = match (*inner).pinned.take() {

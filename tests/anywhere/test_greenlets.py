@@ -120,3 +120,57 @@ def test_greenlet_spawn_pattern_in_many_anywhere_tasks() -> None:
     )
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
     assert p.stdout.split() == ["ok"]
+
+
+MIXED = textwrap.dedent(
+    """
+    import asyncio, greenback, greenlet, tokioloop
+
+    async def later(v):
+        await asyncio.sleep(0.001)
+        return v
+
+    async def portal_then_fiber():
+        # greenback's portal runs the task's steps in a child greenlet; a
+        # fiber started there could not switch back to it (greenlet aborted
+        # the process when greenback.await_ ran on the fiber).
+        await greenback.ensure_portal()
+        def fn():
+            return greenback.await_(later(1))
+        try:
+            await tokioloop.run_anywhere(fn)
+        except RuntimeError as e:
+            return "start" if "cannot start inside a greenlet" in str(e) else repr(e)
+        return "ran"
+
+    async def await_in_child_greenlet():
+        # On a fiber, inside a greenlet started there: await_ must not
+        # suspend (greenlet's current greenlet would be wrong for every other
+        # task meanwhile); one that completes at once is fine.
+        def fn():
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(7)
+            g1 = greenlet.greenlet(lambda: tokioloop.await_(done))
+            first = g1.switch()
+            g2 = greenlet.greenlet(lambda: tokioloop.await_(later(2)))
+            try:
+                g2.switch()
+            except RuntimeError as e:
+                return first, "suspend" if "cannot suspend inside a greenlet" in str(e) else repr(e)
+            return first, "suspended"
+        return await tokioloop.run_anywhere(fn)
+
+    async def main():
+        print(await asyncio.create_task(portal_then_fiber()))  # a task of its own
+        print(*await await_in_child_greenlet())
+        print(await tokioloop.run_anywhere(lambda: tokioloop.await_(later(3))))
+
+    asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+    """
+)
+
+
+def test_fibers_refuse_what_greenlet_cannot_do() -> None:
+    p = subprocess.run([sys.executable, "-c", MIXED], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert p.stdout.split() == ["start", "7", "suspend", "3"], p.stdout
