@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent(
             assert results[2 * i + 1] == 4950 + i, results[2 * i + 1]
         print("ok")
 
-    asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+    tokioloop.run(main())
     """
 )
 
@@ -109,7 +109,7 @@ SQLA_LIKE = textwrap.dedent(
         assert got == want, (got, want)
         print("ok")
 
-    asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+    tokioloop.run(main())
     """
 )
 
@@ -165,7 +165,7 @@ MIXED = textwrap.dedent(
         print(*await await_in_child_greenlet())
         print(await tokioloop.run_anywhere(lambda: tokioloop.await_(later(3))))
 
-    asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+    tokioloop.run(main())
     """
 )
 

@@ -327,8 +327,10 @@ async def main():
     assert view == orm, (view, orm)  # served on the view's own thread
     print("ok")
 
-factory = tokioloop.new_event_loop if sys.argv[1] == "tokioloop" else asyncio.new_event_loop
-asyncio.run(main(), loop_factory=factory)
+if sys.argv[1] == "tokioloop":
+    tokioloop.run(main())
+else:
+    asyncio.run(main())
 """
 
 

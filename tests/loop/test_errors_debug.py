@@ -241,7 +241,7 @@ async def main():
     Holder(asyncio.get_running_loop())
     Holder(asyncio.get_running_loop()).loop = tokioloop.new_event_loop()  # one open loop
 
-asyncio.run(main(), loop_factory=tokioloop.new_event_loop)
+tokioloop.run(main())
 print("exiting", flush=True)
 """
 
