@@ -749,6 +749,16 @@ impl LoopCore {
         };
         if fast {
             rs.garbage.release(py);
+            if other_threads() {
+                // asyncio (in select()) and uvloop (around epoll) release
+                // the GIL once per iteration, so another thread that waits
+                // for it gets it between iterations rather than through the
+                // interpreter's forced switch, which can come between two
+                // callbacks of one iteration (Litestar's WebSocket test
+                // client hands an event to one of two polling tasks and counts
+                // on the first one getting it).
+                py.detach(|| ());
+            }
             Self::run_batch(slf, rs)?;
             if this.stopping.load(Ordering::Relaxed) {
                 // stop() was called in an iteration that did not poll: what
@@ -1102,6 +1112,19 @@ macro_rules! kwnames {
             })
             .bind($py)
     }};
+}
+
+/// Whether the interpreter has thread states besides this thread's
+/// (threads that may be waiting for the GIL).
+fn other_threads() -> bool {
+    // SAFETY: called with the GIL held (from run_once): the thread state and
+    // the interpreter's list of thread states are stable while it is held;
+    // only pointers are read.
+    unsafe {
+        let ts = ffi::PyThreadState_Get();
+        let head = ffi::PyInterpreterState_ThreadHead(ffi::PyThreadState_GetInterpreter(ts));
+        !head.is_null() && (head != ts || !ffi::PyThreadState_Next(head).is_null())
+    }
 }
 
 #[pymethods]

@@ -314,3 +314,46 @@ def test_gather_many_tasks(loop: tokioloop.Loop) -> None:
         return await asyncio.gather(*(work(i) for i in range(2000)))
 
     assert loop.run_until_complete(main()) == list(range(2000))
+
+
+def test_a_thread_waiting_for_the_gil_gets_it_between_iterations() -> None:
+    # asyncio (in select()) and uvloop release the GIL once per iteration, so
+    # a thread that waits for it runs between iterations, not between two
+    # callbacks of one iteration. Two tasks poll a queue.Queue with sleep(0);
+    # another thread puts one item: the task that polls first in each
+    # iteration gets it (Litestar's WebSocket test client relies on this).
+    import queue
+
+    loop = tokioloop.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        winners = []
+        for _ in range(60):
+            q: queue.Queue[int] = queue.Queue()
+            got: list[str] = []
+
+            async def poller(name: str, q: queue.Queue[int] = q, got: list[str] = got) -> None:
+                while q.empty():
+                    await asyncio.sleep(0)
+                    if got:
+                        return
+                try:
+                    q.get_nowait()
+                    got.append(name)
+                except queue.Empty:
+                    pass
+
+            async def both() -> None:
+                await asyncio.gather(poller("first"), poller("second"))
+
+            fut = asyncio.run_coroutine_threadsafe(both(), loop)
+            time.sleep(0.0005)
+            q.put(1)
+            fut.result(10)
+            winners.append(got[0])
+        assert winners.count("second") <= 3, winners.count("second")
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+        loop.close()
