@@ -846,17 +846,18 @@ impl AnywhereCoroutine {
             }
             Ok(Resumed::StepDone(o)) => {
                 let inner = self.inner();
-                // More steps come (the coroutine yielded) and greenlets may be
-                // about: they run on this runner's stack.
-                let keep = matches!(o, Outcome::Yielded(_)) && greenlet_loaded(py);
-                if keep && (*inner).pinned.is_none() {
+                let more = matches!(o, Outcome::Yielded(_));
+                if more && (*inner).pinned.is_none() && greenlet_loaded(py) {
+                    // More steps come and greenlets may be about: they run
+                    // on this runner's stack.
                     (*inner).pinned = Some(r);
                 } else {
                     core::release_runner(py, r);
-                }
-                if !keep {
-                    if let Some(p) = (*inner).pinned.take() {
-                        let_go_pinned(py, p);
+                    if !more {
+                        // Finished: nothing steps it again.
+                        if let Some(p) = (*inner).pinned.take() {
+                            let_go_pinned(py, p);
+                        }
                     }
                 }
                 o

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
@@ -160,9 +160,6 @@ pub struct LoopCore {
     /// iteration looks, as every asyncio iteration does (a transport's peer
     /// in the same loop gets its data_received one iteration after write()).
     io_touched: AtomicBool,
-    /// The read end of the loop's self-pipe (signals, Ctrl-C), an add_reader
-    /// watcher of its own that does not make busy iterations poll (-1: none).
-    self_pipe_fd: AtomicI32,
     /// threading.get_ident() of the thread running the loop, 0 if none.
     thread_id: AtomicU64,
     cancelled_timers: AtomicUsize,
@@ -715,22 +712,17 @@ impl LoopCore {
                 // epoll_wait(0) on the private epoll, no reactor turn; the
                 // loop's own self-pipe does not count, nor do pending sock_*
                 // operations (their events come with the next full poll).
-                let pipe = this.self_pipe_fd.load(Ordering::Relaxed);
-                let own = usize::from(pipe >= 0 && st.selector.has(pipe, READ));
-                if st.selector.with_callbacks() > own {
-                    this.driver.look_watchers(events);
-                    if !events.is_empty() {
-                        if let Some(epfd) = this.driver.epfd() {
-                            st.selector.dispatch(
-                                py,
-                                epfd,
-                                events,
-                                &mut st.ready,
-                                &mut garbage.watchers,
-                            );
-                        }
-                        events.clear();
+                if st.selector.with_callbacks() > 0 {
+                    if let Some(epfd) = this.driver.look_watchers(events) {
+                        st.selector.dispatch(
+                            py,
+                            epfd,
+                            events,
+                            &mut st.ready,
+                            &mut garbage.watchers,
+                        );
                     }
+                    events.clear();
                 }
                 if st.timers.len() > 0 {
                     st.timers
@@ -1131,8 +1123,8 @@ fn other_threads() -> bool {
 impl LoopCore {
     /// The read end of the loop's self-pipe (-1: none), so that its watcher
     /// does not make every busy iteration look at the private epoll.
-    fn _set_self_pipe(&self, fd: i32) {
-        self.self_pipe_fd.store(fd, Ordering::Relaxed);
+    fn _set_self_pipe(&self, py: Python<'_>, fd: RawFd) {
+        self.with_state(py, |st| st.selector.set_quiet((fd >= 0).then_some(fd)));
     }
 
     /// Arguments are for the Python subclass's __init__ (Loop(anywhere_tasks=...)).
@@ -1158,7 +1150,6 @@ impl LoopCore {
             debug: AtomicBool::new(false),
             py_time: AtomicBool::new(false),
             io_touched: AtomicBool::new(false),
-            self_pipe_fd: AtomicI32::new(-1),
             thread_id: AtomicU64::new(0),
             cancelled_timers: AtomicUsize::new(0),
             task_factory: GilCell::new(None),

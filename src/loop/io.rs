@@ -379,12 +379,13 @@ impl Driver {
     /// One epoll_wait(0) on the private epoll alone (add_reader/add_writer
     /// watchers and pending sock_* operations), without a reactor turn; for
     /// the busy iterations that do not poll everything. Needs no GIL release.
-    pub(crate) fn look_watchers(&self, events: &mut Events) {
+    /// Returns the epoll's fd to dispatch the events with (None once closed).
+    pub(crate) fn look_watchers(&self, events: &mut Events) -> Option<RawFd> {
         events.clear();
         let g = self.io.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(io) = g.as_ref() {
-            self.look(io, events);
-        }
+        let io = g.as_ref()?;
+        self.look(io, events);
+        Some(self.epfd)
     }
 
     /// Whether the private epoll may hold events: Tokio saw it signal since

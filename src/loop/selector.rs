@@ -127,8 +127,10 @@ pub(crate) struct Selector {
     /// Entries with at least one watcher.
     active: usize,
     /// Entries with a Python callback (add_reader/add_writer), which busy
-    /// iterations look at (see `LoopCore::run_once`).
+    /// iterations look at (see `LoopCore::run_once`), not counting `quiet`.
     with_callbacks: usize,
+    /// The loop's own self-pipe (signals), whose callback does not count.
+    quiet: Option<RawFd>,
 }
 
 fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, mask: u32) -> io::Result<()> {
@@ -184,16 +186,37 @@ impl Selector {
         self.active == 0
     }
 
-    /// How many fds have an add_reader/add_writer callback.
+    /// How many fds have an add_reader/add_writer callback, the quiet one
+    /// aside.
     pub(crate) fn with_callbacks(&self) -> usize {
         self.with_callbacks
     }
 
-    fn recount(&mut self, was: (bool, bool), now: (bool, bool)) {
+    /// Leave `fd`'s callback out of `with_callbacks` (None: count every fd).
+    pub(crate) fn set_quiet(&mut self, fd: Option<RawFd>) {
+        let counted = |s: &Self, fd: Option<RawFd>| {
+            fd.and_then(|fd| s.entries.get(&fd))
+                .is_some_and(Entry::has_callback)
+        };
+        if counted(self, self.quiet) {
+            self.with_callbacks += 1;
+        }
+        if counted(self, fd) {
+            self.with_callbacks -= 1;
+        }
+        self.quiet = fd;
+    }
+
+    /// Keep the counts true across a change of `fd`'s entry: `was`/`now` are
+    /// (has a watcher, has a Python callback) before and after.
+    fn recount(&mut self, fd: RawFd, was: (bool, bool), now: (bool, bool)) {
         match (was.0, now.0) {
             (false, true) => self.active += 1,
             (true, false) => self.active -= 1,
             _ => {}
+        }
+        if self.quiet == Some(fd) {
+            return;
         }
         match (was.1, now.1) {
             (false, true) => self.with_callbacks += 1,
@@ -273,7 +296,7 @@ impl Selector {
             return Err((e, failed));
         }
         let now = (entry.is_active(), entry.has_callback());
-        self.recount((was_active, was_cb), now);
+        self.recount(fd, (was_active, was_cb), now);
         Ok((prev, old_owner))
     }
 
@@ -316,7 +339,7 @@ impl Selector {
         } else {
             None
         };
-        self.recount(was, (now_active, now_cb));
+        self.recount(fd, was, (now_active, now_cb));
         Some((prev, owner))
     }
 
@@ -344,7 +367,7 @@ impl Selector {
         if !now.0 && entry.sticky == 0 {
             self.entries.remove(&fd);
         }
-        self.recount(was, now);
+        self.recount(fd, was, now);
         prev
     }
 
