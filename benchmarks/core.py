@@ -24,6 +24,7 @@ from report import (
 #: benchmark name (core_worker.BENCHMARKS) -> row label
 ROWS: dict[str, str] = {
     "call_soon_chained": "call_soon chained (callbacks/s)",
+    "call_soon_chained_reader": "call_soon chained, a reader set (callbacks/s)",
     "call_soon_batched": "call_soon batched x1000 (callbacks/s)",
     "timers_plain": "timers, 10k in flight (fired/s)",
     "timers_90pct_cancelled": "timers, 90% cancelled (armed/s)",

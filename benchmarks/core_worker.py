@@ -27,6 +27,7 @@ import asyncio
 import gc
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -98,6 +99,22 @@ async def call_soon_chained(loop: asyncio.AbstractEventLoop, n: int, sw: Stopwat
     loop.call_soon(step)
     await done
     sw.stop()
+
+
+async def call_soon_chained_with_reader(
+    loop: asyncio.AbstractEventLoop, n: int, sw: Stopwatch
+) -> None:
+    """call_soon_chained while an add_reader() callback is registered on an
+    idle socket (as a pyzmq or tornado application has): loops that poll
+    their selector on every iteration pay for it here."""
+    a, b = socket.socketpair()
+    loop.add_reader(b.fileno(), b.recv, 1)
+    try:
+        await call_soon_chained(loop, n, sw)
+    finally:
+        loop.remove_reader(b.fileno())
+        a.close()
+        b.close()
 
 
 BATCH = 1000
@@ -299,6 +316,7 @@ async def queue_ping_pong(loop: asyncio.AbstractEventLoop, n: int, sw: Stopwatch
 #: name -> (function, unit of one operation, first calibration size)
 BENCHMARKS: dict[str, tuple[Bench, str, int]] = {
     "call_soon_chained": (call_soon_chained, "callback", 10_000),
+    "call_soon_chained_reader": (call_soon_chained_with_reader, "callback", 10_000),
     "call_soon_batched": (call_soon_batched, "callback", 10_000),
     "timers_plain": (timers_plain, "timer fired", 20_000),
     "timers_90pct_cancelled": (timers_cancelled, "timer armed", 20_000),
