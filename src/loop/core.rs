@@ -1427,14 +1427,9 @@ impl LoopCore {
                 )?,
             }
         };
-        if this.debug() {
-            // As asyncio: drop the create_task frame from the creation traceback.
-            if let Ok(tb) = task.getattr(pyo3::intern!(py, "_source_traceback")) {
-                if tb.is_truthy()? {
-                    tb.del_item(-1)?;
-                }
-            }
-        }
+        // No frame to drop from the task's creation traceback (asyncio drops
+        // its own create_task frame): this method has none, so the last frame
+        // is already the caller's.
         Ok(task)
     }
 

@@ -25,9 +25,35 @@ use crate::event_loop::selector::NativeReader;
 /// get their turn; the fd stays ready and is served next iteration).
 const BATCH: usize = 16;
 
+/// The protocol's callbacks, bound once. asyncio looks them up only when it
+/// calls them, so a protocol may lack one it never needs (a send-only
+/// protocol has no datagram_received(); asyncio.BaseProtocol has no
+/// error_received()): a missing one is looked up again at the call, which
+/// then fails as asyncio's would.
 struct Cached {
-    datagram_received: Py<PyAny>,
-    error_received: Py<PyAny>,
+    protocol: Py<PyAny>,
+    datagram_received: Option<Py<PyAny>>,
+    error_received: Option<Py<PyAny>>,
+}
+
+/// One protocol callback: the bound method, or the protocol to look it up on.
+struct Callback {
+    bound: Option<Py<PyAny>>,
+    protocol: Py<PyAny>,
+    name: &'static str,
+}
+
+impl Callback {
+    fn call1<'py>(
+        &self,
+        py: Python<'py>,
+        args: impl pyo3::call::PyCallArgs<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        match &self.bound {
+            Some(f) => f.bind(py).call1(args),
+            None => self.protocol.bind(py).call_method1(self.name, args),
+        }
+    }
 }
 
 /// A peer address seen lately, as raw sockaddr and as Python object: a
@@ -254,12 +280,17 @@ impl DatagramCore {
         })
     }
 
-    fn callbacks(&self, py: Python<'_>) -> Option<(Py<PyAny>, Py<PyAny>)> {
+    fn callbacks(&self, py: Python<'_>) -> Option<(Callback, Callback)> {
         self.cb.with(py, |c| {
             c.as_ref().map(|c| {
+                let callback = |bound: &Option<Py<PyAny>>, name| Callback {
+                    bound: bound.as_ref().map(|f| f.clone_ref(py)),
+                    protocol: c.protocol.clone_ref(py),
+                    name,
+                };
                 (
-                    c.datagram_received.clone_ref(py),
-                    c.error_received.clone_ref(py),
+                    callback(&c.datagram_received, "datagram_received"),
+                    callback(&c.error_received, "error_received"),
                 )
             })
         })
@@ -318,7 +349,7 @@ impl DatagramCore {
             Err(e) => {
                 // As asyncio: an OSError from recvfrom goes to error_received().
                 let exc = crate::event_loop::oserror::from_errno(py, e);
-                error_received.bind(py).call1((exc.value(py),))?;
+                error_received.call1(py, (exc.value(py),))?;
                 Ok(false)
             }
             Ok(data) => {
@@ -330,7 +361,7 @@ impl DatagramCore {
                     Some(a) => a,
                     None => other_sockaddr_to_py(py, raw),
                 };
-                datagram_received.bind(py).call1((&data.obj, addr))?;
+                datagram_received.call1(py, (&data.obj, addr))?;
                 lp.recycler.give_back(py, data);
                 Ok(true)
             }
@@ -356,6 +387,7 @@ impl NativeReader for DatagramCore {
         visit.call(&self.ctx)?;
         if let Some(r) = self.cb.try_with(|c| -> Result<(), pyo3::PyTraverseError> {
             if let Some(c) = c {
+                visit.call(&c.protocol)?;
                 visit.call(&c.datagram_received)?;
                 visit.call(&c.error_received)?;
             }
@@ -416,9 +448,11 @@ impl DatagramCore {
     }
 
     fn set_protocol(&self, py: Python<'_>, protocol: &Bound<'_, PyAny>) -> PyResult<()> {
+        let get = |name: &str| protocol.getattr(name).ok().map(Bound::unbind);
         let c = Cached {
-            datagram_received: protocol.getattr("datagram_received")?.unbind(),
-            error_received: protocol.getattr("error_received")?.unbind(),
+            protocol: protocol.clone().unbind(),
+            datagram_received: get("datagram_received"),
+            error_received: get("error_received"),
         };
         let old = self.cb.with(py, |s| s.replace(c));
         drop(old);
@@ -520,7 +554,7 @@ impl DatagramCore {
         }
         let exc = crate::event_loop::oserror::from_errno(py, err);
         if let Some((_, error_received)) = self.callbacks(py) {
-            error_received.bind(py).call1((exc.value(py),))?;
+            error_received.call1(py, (exc.value(py),))?;
         }
         Ok(true)
     }

@@ -162,6 +162,54 @@ def test_set_debug(loop: tokioloop.Loop) -> None:
     assert not loop.get_debug()
 
 
+def _creation_sites(loop: asyncio.AbstractEventLoop) -> dict[str, object]:
+    """The last frame of each kind of object's creation traceback."""
+
+    async def child() -> None:
+        pass
+
+    def last(obj: object) -> object:
+        tb = obj._source_traceback  # type: ignore[attr-defined]
+        return (os.path.basename(tb[-1].filename), tb[-1].name)
+
+    async def main() -> dict[str, object]:
+        lp = asyncio.get_running_loop()
+        sites: dict[str, object] = {}
+        h = lp.call_soon(print)
+        sites["call_soon"] = last(h)
+        h.cancel()
+        h = lp.call_later(9, print)
+        sites["call_later"] = last(h)
+        h.cancel()
+        t = lp.create_task(child())
+        sites["loop.create_task"] = last(t)
+        await t
+        t = asyncio.create_task(child())
+        sites["asyncio.create_task"] = last(t)
+        await t
+        t = asyncio.ensure_future(child())
+        sites["ensure_future"] = last(t)
+        await t
+        return sites
+
+    loop.set_debug(True)
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_creation_tracebacks_end_where_asyncio_ends_them() -> None:
+    """The "created at" of debug messages: loop.create_task() called directly
+    ends at its caller, asyncio.create_task() at asyncio's wrapper, as on the
+    stdlib loop (the native create_task dropped one frame too many: psycopg's
+    debug-mode tests print the caller's line)."""
+    ours = _creation_sites(tokioloop.new_event_loop())
+    stdlib = _creation_sites(asyncio.SelectorEventLoop())
+    assert ours == stdlib
+    assert ours["loop.create_task"] == (os.path.basename(__file__), "main")
+
+
 def test_slow_callback_warning(loop: tokioloop.Loop, caplog: pytest.LogCaptureFixture) -> None:
     loop.set_debug(True)
     loop.slow_callback_duration = 0.01

@@ -412,3 +412,55 @@ def test_many_peers_each_get_their_own_answers() -> None:
     want = (True, True, peers_n * rounds)
     assert runs["asyncio"].result == want
     assert runs["tokioloop"].result == want
+
+
+def test_protocols_without_every_callback() -> None:
+    """asyncio looks a datagram protocol's callbacks up only when it calls
+    them: an asyncio.BaseProtocol subclass (no error_received()) works as a
+    client, a send-only protocol needs no datagram_received(), and one that
+    lacks it and gets a datagram fails at that call, reported to the
+    exception handler, the transport staying open (pymodbus' and aiocoap's
+    protocols; tokioloop refused them at create_datagram_endpoint())."""
+
+    class BaseClient(asyncio.BaseProtocol):
+        def __init__(self, fut: asyncio.Future[bytes]) -> None:
+            self.fut = fut
+
+        def connection_made(self, transport: Any) -> None:
+            transport.sendto(b"ping")
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.fut.set_result(data)
+
+    class SendOnly(asyncio.BaseProtocol):
+        pass
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[Any, ...]:
+        server, sp = await loop.create_datagram_endpoint(
+            lambda: Collect(loop, echo=True), local_addr=("127.0.0.1", 0)
+        )
+        addr = server.get_extra_info("sockname")
+        fut: asyncio.Future[bytes] = loop.create_future()
+        client, _ = await loop.create_datagram_endpoint(lambda: BaseClient(fut), remote_addr=addr)
+        reply = await fut
+        mute, _ = await loop.create_datagram_endpoint(SendOnly, remote_addr=addr)
+        # The echo comes back to a protocol without datagram_received().
+        mute.sendto(b"to be answered")
+        await sp.wait_for_count(2)
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        open_after = not mute.is_closing()
+        mute.sendto(b"again")
+        await sp.wait_for_count(3)
+        for t in (client, mute, server):
+            t.close()
+        return reply, [d for d, _ in sp.got], open_after
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    assert runs["asyncio"].result == (b"PING", [b"ping", b"to be answered", b"again"], True)
+    assert runs["tokioloop"].result == runs["asyncio"].result
+    for run in runs.values():
+        errors = [c.get("exception") for c in run.errors]
+        assert errors and all(isinstance(e, AttributeError) for e in errors), run.errors
+        assert all("datagram_received" in str(e) for e in errors)
