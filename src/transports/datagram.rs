@@ -36,22 +36,18 @@ struct Cached {
     error_received: Option<Py<PyAny>>,
 }
 
-/// One protocol callback: the bound method, or the protocol to look it up on.
-struct Callback {
-    bound: Option<Py<PyAny>>,
-    protocol: Py<PyAny>,
-    name: &'static str,
+/// One protocol callback: the bound method, or the protocol to look it up on
+/// (`Bound`s: dropping them is a plain decref, no check for the GIL).
+enum Callback<'py> {
+    Method(Bound<'py, PyAny>),
+    Missing(Bound<'py, PyAny>, &'static str),
 }
 
-impl Callback {
-    fn call1<'py>(
-        &self,
-        py: Python<'py>,
-        args: impl pyo3::call::PyCallArgs<'py>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        match &self.bound {
-            Some(f) => f.bind(py).call1(args),
-            None => self.protocol.bind(py).call_method1(self.name, args),
+impl<'py> Callback<'py> {
+    fn call1(&self, args: impl pyo3::call::PyCallArgs<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match self {
+            Callback::Method(f) => f.call1(args),
+            Callback::Missing(protocol, name) => protocol.call_method1(*name, args),
         }
     }
 }
@@ -280,18 +276,20 @@ impl DatagramCore {
         })
     }
 
-    fn callbacks(&self, py: Python<'_>) -> Option<(Callback, Callback)> {
+    /// error_received() (`error`) or datagram_received(), out of the cell
+    /// (the call may replace the protocol); None once closed.
+    fn callback<'py>(&self, py: Python<'py>, error: bool) -> Option<Callback<'py>> {
         self.cb.with(py, |c| {
             c.as_ref().map(|c| {
-                let callback = |bound: &Option<Py<PyAny>>, name| Callback {
-                    bound: bound.as_ref().map(|f| f.clone_ref(py)),
-                    protocol: c.protocol.clone_ref(py),
-                    name,
+                let (bound, name) = if error {
+                    (&c.error_received, "error_received")
+                } else {
+                    (&c.datagram_received, "datagram_received")
                 };
-                (
-                    callback(&c.datagram_received, "datagram_received"),
-                    callback(&c.error_received, "error_received"),
-                )
+                match bound {
+                    Some(f) => Callback::Method(f.bind(py).clone()),
+                    None => Callback::Missing(c.protocol.bind(py).clone(), name),
+                }
             })
         })
     }
@@ -340,19 +338,21 @@ impl DatagramCore {
                 Ok(lp.recycler.make(py, &buf[..n as usize]))
             }
         });
-        let (datagram_received, error_received) = match self.callbacks(py) {
-            Some(c) => c,
-            None => return Ok(false),
-        };
         match got {
             Err(libc::EAGAIN) | Err(libc::EINTR) => Ok(false),
             Err(e) => {
+                let Some(error_received) = self.callback(py, true) else {
+                    return Ok(false);
+                };
                 // As asyncio: an OSError from recvfrom goes to error_received().
                 let exc = crate::event_loop::oserror::from_errno(py, e);
-                error_received.call1(py, (exc.value(py),))?;
+                error_received.call1((exc.value(py),))?;
                 Ok(false)
             }
             Ok(data) => {
+                let Some(datagram_received) = self.callback(py, false) else {
+                    return Ok(false);
+                };
                 let alen = (alen as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
                 // SAFETY: the kernel wrote `alen` bytes of address.
                 let raw =
@@ -361,7 +361,7 @@ impl DatagramCore {
                     Some(a) => a,
                     None => other_sockaddr_to_py(py, raw),
                 };
-                datagram_received.call1(py, (&data.obj, addr))?;
+                datagram_received.call1((&data.obj, addr))?;
                 lp.recycler.give_back(py, data);
                 Ok(true)
             }
@@ -553,8 +553,8 @@ impl DatagramCore {
             return Ok(false);
         }
         let exc = crate::event_loop::oserror::from_errno(py, err);
-        if let Some((_, error_received)) = self.callbacks(py) {
-            error_received.call1(py, (exc.value(py),))?;
+        if let Some(error_received) = self.callback(py, true) {
+            error_received.call1((exc.value(py),))?;
         }
         Ok(true)
     }
