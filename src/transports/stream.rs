@@ -476,18 +476,21 @@ impl StreamCore {
             ReadOutcome::Eof => Self::on_eof(slf),
             ReadOutcome::Data(n, short) => {
                 this.lp(py).get().count_read(n);
+                // Out of the cell (the call may replace the protocol); the
+                // protocol only when it has no data_received. `Bound`s: their
+                // drop is a plain decref.
                 let (cb, proto) = this.st.with(py, |s| match s.cb.as_ref() {
-                    Some(c) => (
-                        c.data_received.as_ref().map(|f| f.clone_ref(py)),
-                        Some(c.protocol.clone_ref(py)),
-                    ),
+                    Some(c) => match &c.data_received {
+                        Some(f) => (Some(f.bind(py).clone()), None),
+                        None => (None, Some(c.protocol.bind(py).clone())),
+                    },
                     None => (None, None),
                 });
                 if let Some(data) = data {
                     let res = match (cb, proto) {
-                        (Some(cb), _) => cb.bind(py).call1((data,)),
+                        (Some(cb), _) => cb.call1((data,)),
                         // No data_received: the call fails as asyncio's would.
-                        (None, Some(p)) => p.bind(py).call_method1("data_received", (data,)),
+                        (None, Some(p)) => p.call_method1("data_received", (data,)),
                         (None, None) => Ok(py.None().into_bound(py)),
                     };
                     if let Err(e) = res {
