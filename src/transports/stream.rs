@@ -524,8 +524,8 @@ impl StreamCore {
         let (get_buffer, buffer_updated) = match this.st.with(py, |s| {
             s.cb.as_ref().map(|c| {
                 (
-                    c.get_buffer.as_ref().map(|f| f.clone_ref(py)),
-                    c.buffer_updated.as_ref().map(|f| f.clone_ref(py)),
+                    c.get_buffer.as_ref().map(|f| f.bind(py).clone()),
+                    c.buffer_updated.as_ref().map(|f| f.bind(py).clone()),
                 )
             })
         }) {
@@ -543,7 +543,7 @@ impl StreamCore {
         if !ready {
             return Ok(());
         }
-        let buf = match get_buffer.bind(py).call1((-1,)) {
+        let buf = match get_buffer.call1((-1,)) {
             Ok(b) => b,
             Err(e) => {
                 if is_base_exit(py, &e) {
@@ -605,7 +605,7 @@ impl StreamCore {
         match outcome {
             ReadOutcome::Data(n, short) => {
                 this.lp(py).get().count_read(n);
-                if let Err(e) = buffer_updated.bind(py).call1((n,)) {
+                if let Err(e) = buffer_updated.call1((n,)) {
                     if is_base_exit(py, &e) {
                         return Err(e);
                     }
