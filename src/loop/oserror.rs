@@ -15,3 +15,13 @@ pub(crate) fn from_errno(py: Python<'_>, errno: i32) -> PyErr {
     }
     PyErr::fetch(py)
 }
+
+/// An io::Error as CPython would raise it: from its errno when it has one
+/// (the errno-specific OSError subclass with `errno` set), otherwise as
+/// pyo3 converts it.
+pub(crate) fn from_io(py: Python<'_>, e: std::io::Error) -> PyErr {
+    match e.raw_os_error() {
+        Some(errno) => from_errno(py, errno),
+        None => PyErr::from(e),
+    }
+}

@@ -1135,7 +1135,11 @@ impl StreamCore {
         };
         lp.get().check_closed()?;
         let token = lp.get().new_token();
-        let reg = lp.get().driver.register(fd, token).map_err(PyErr::from)?;
+        let reg = lp
+            .get()
+            .driver
+            .register(fd, token)
+            .map_err(|e| crate::event_loop::oserror::from_io(py, e))?;
         Ok(StreamCore {
             lp: lp.unbind(),
             token,

@@ -5,6 +5,7 @@ queued), and what is not a pipe."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -206,6 +207,36 @@ def test_not_a_pipe(direction: str) -> None:
         runs = on_both(main)
     assert runs["tokioloop"].result == runs["asyncio"].result
     assert runs["tokioloop"].result[0] == "ValueError"
+
+
+def test_unpollable_character_device_is_refused_with_errno() -> None:
+    """/dev/null passes the pipe check (a character device) but epoll
+    refuses it. asyncio creates the transport and reports the registration's
+    PermissionError to the exception handler later; tokioloop raises it from
+    connect_read_pipe(), as the socket module would raise it: with `errno`
+    and CPython's message (it had neither: "Operation not permitted (os
+    error 1)")."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> Any:
+        with open("/dev/null", "rb") as f:
+            try:
+                tr, _ = await loop.connect_read_pipe(asyncio.Protocol, f)
+            except OSError as e:
+                return type(e).__name__, e.errno, str(e)
+            await asyncio.sleep(0.01)
+            tr.close()
+            return None
+
+    with fds_released():
+        runs = on_both(main)
+    assert runs["asyncio"].result is None
+    reported = [c.get("exception") for c in runs["asyncio"].errors]
+    assert any(isinstance(e, PermissionError) for e in reported), runs["asyncio"].errors
+    assert runs["tokioloop"].result == (
+        "PermissionError",
+        errno.EPERM,
+        "[Errno 1] Operation not permitted",
+    )
 
 
 def test_read_pipe_pause_resume_and_many_small_writes() -> None:
