@@ -158,6 +158,10 @@ class _NativeStreamTransport:
         return int(self._core.get_write_buffer_limits()[0])
 
     def __repr__(self) -> str:
+        if "_core" not in self.__dict__:
+            # Its construction failed (an fd epoll refuses): reprs of it in
+            # tracebacks and debuggers must not raise.
+            return f"<{self.__class__.__name__} not set up>"
         if self._kind != "socket":
             return self._pipe_repr()
         info = [self.__class__.__name__]

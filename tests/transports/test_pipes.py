@@ -222,6 +222,14 @@ def test_unpollable_character_device_is_refused_with_errno() -> None:
             try:
                 tr, _ = await loop.connect_read_pipe(asyncio.Protocol, f)
             except OSError as e:
+                # The half-made transport in the traceback (pytest and
+                # debuggers show it) has a repr that does not raise.
+                tb = e.__traceback__
+                while tb is not None:
+                    obj = tb.tb_frame.f_locals.get("self")
+                    if isinstance(obj, asyncio.BaseTransport):
+                        assert "not set up" in repr(obj)
+                    tb = tb.tb_next
                 return type(e).__name__, e.errno, str(e)
             await asyncio.sleep(0.01)
             tr.close()
