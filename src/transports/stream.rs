@@ -769,15 +769,35 @@ impl StreamCore {
             this.st.with(py, |s| s.conn_lost += 1);
             Self::schedule_connection_lost(slf, None)?;
         } else if eof {
-            this.shutdown_write();
+            Self::half_close(slf)?;
         }
         Ok(())
     }
 
-    fn shutdown_write(&self) {
+    /// shutdown(SHUT_WR) of a socket (a pipe's write end has none).
+    /// Err(errno) when it fails: ENOTCONN once the peer reset the connection.
+    fn shutdown_write(&self) -> Result<(), i32> {
         if self.kind == Kind::Socket {
-            // SAFETY: shutdown on our (open) fd; errors (ENOTCONN) are harmless here.
-            unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+            // SAFETY: shutdown on our fd, open while the transport is.
+            if unsafe { libc::shutdown(self.fd, libc::SHUT_WR) } < 0 {
+                return Err(errno());
+            }
+        }
+        Ok(())
+    }
+
+    /// The half-close of write_eof(), now or once the buffer drained. A
+    /// failure is the transport's fatal error (connection_lost(exc)), as
+    /// uvloop reports it: asyncio raises it from write_eof() (or logs it from
+    /// its writer callback) and leaves a dead transport open, so a server's
+    /// wait_closed() waits on it until someone calls close().
+    fn half_close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let this = slf.get();
+        let res = this.shutdown_write();
+        this.lp(slf.py()).get().touch_io();
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) => Self::fatal(slf, os_error(slf.py(), e), "Fatal error on transport"),
         }
     }
 
@@ -1300,8 +1320,8 @@ impl StreamCore {
         Ok(())
     }
 
-    fn write_eof(&self, py: Python<'_>) {
-        let shutdown = self.st.with(py, |s| {
+    fn write_eof(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let shutdown = slf.get().st.with(slf.py(), |s| {
             if s.closing || s.eof {
                 return false;
             }
@@ -1309,9 +1329,9 @@ impl StreamCore {
             s.buf.is_empty()
         });
         if shutdown {
-            self.shutdown_write();
-            self.lp(py).get().touch_io();
+            Self::half_close(slf)?;
         }
+        Ok(())
     }
 
     fn can_write_eof(&self) -> bool {

@@ -598,3 +598,50 @@ def test_eof_kept_open_then_resume_reading(kind: str, sockdir: str) -> None:
         runs = on_both(main)
     assert runs["asyncio"].result["eof_calls"] == 1
     assert runs["tokioloop"].result == runs["asyncio"].result
+
+
+def test_write_eof_after_the_peer_reset_closes_the_transport() -> None:
+    """shutdown(SHUT_WR) fails (ENOTCONN) once the peer reset the
+    connection. asyncio raises that from write_eof() and leaves the dead
+    transport open, so Server.wait_closed() (3.12+) waits until someone
+    closes it (amqtt's broker never did: its shutdown hung). tokioloop
+    reports it as uvloop does: the transport's fatal error, connection_lost()
+    with the OSError, and the server's close completes."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[Any, ...]:
+        lost: asyncio.Future[BaseException | None] = loop.create_future()
+        got_eof = asyncio.Event()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                self.tr = transport
+                server_side.append(self)
+
+            def eof_received(self) -> bool:
+                got_eof.set()
+                return True  # keep the transport open, as streams do
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                if not lost.done():
+                    lost.set_result(exc)
+
+        server_side: list[Server] = []
+        srv = await loop.create_server(Server, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        peer = socket.create_connection(("127.0.0.1", port))
+        peer.sendall(b"hello")
+        peer.close()  # a FIN: the server sees EOF and stops reading
+        await got_eof.wait()
+        tr = server_side[0].tr
+        tr.write(b"reply")  # the peer's kernel answers with a RST
+        await asyncio.sleep(0.1)
+        outcome_of_write_eof = call_outcome(tr.write_eof)
+        exc = await asyncio.wait_for(lost, 2)
+        srv.close()
+        await asyncio.wait_for(srv.wait_closed(), 2)
+        return outcome_of_write_eof, type(exc).__name__, getattr(exc, "errno", None)
+
+    with fds_released():
+        run = run_on(tokioloop.new_event_loop, main, timeout=5)
+    assert run.result == (("ok", ""), "OSError", 107)
+    assert run.errors == []  # an OSError is not logged, as asyncio's fatal errors
