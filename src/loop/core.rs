@@ -569,10 +569,7 @@ impl LoopCore {
             Err((e, failed)) => {
                 drop(failed);
                 // EPERM is what asyncio's epoll selector reports for regular files.
-                Err(oserror::from_errno(
-                    py,
-                    e.raw_os_error().unwrap_or(libc::EIO),
-                ))
+                Err(oserror::from_io(py, e))
             }
         }
     }
