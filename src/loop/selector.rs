@@ -8,12 +8,12 @@
 //! or on any iteration that polls I/O, one `epoll_wait(0)` collects the ready
 //! fds, exactly what asyncio's selector does.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
+use rustc_hash::FxHashMap;
 
 use super::handle::HandleRef;
 use super::job::{Extend1, Job};
@@ -123,7 +123,9 @@ impl Entry {
 
 #[derive(Default)]
 pub(crate) struct Selector {
-    entries: HashMap<RawFd, Entry>,
+    /// By fd (FxHash: an fd is a small int, and the map is looked up on
+    /// every readiness event).
+    entries: FxHashMap<RawFd, Entry>,
     /// Entries with at least one watcher.
     active: usize,
     /// Entries with a Python callback (add_reader/add_writer), which busy
@@ -379,6 +381,12 @@ impl Selector {
                 e.writer.is_some()
             }
         })
+    }
+
+    pub(crate) fn has_native_reader(&self, fd: RawFd) -> bool {
+        self.entries
+            .get(&fd)
+            .is_some_and(|e| matches!(e.reader, Some(Watcher::Reader(_))))
     }
 
     /// Turn raw epoll events into ready-queue work. Everything stays

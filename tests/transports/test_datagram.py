@@ -464,3 +464,228 @@ def test_protocols_without_every_callback() -> None:
         errors = [c.get("exception") for c in run.errors]
         assert errors and all(isinstance(e, AttributeError) for e in errors), run.errors
         assert all("datagram_received" in str(e) for e in errors)
+
+
+class Batched(Collect):
+    """Records datagrams; on the `at`-th one (1-based) does `action`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, at: int, action: str) -> None:
+        super().__init__(loop)
+        self.at = at
+        self.action = action
+        self.lost: list[Any] = []
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        if len(self.got) != self.at:
+            return
+        if self.action == "pause":
+            self.tr.pause_reading()
+        elif self.action == "close":
+            self.tr.close()
+        elif self.action == "raise":
+            raise ValueError(f"boom at {self.at}")
+        elif self.action == "interrupt":
+            raise KeyboardInterrupt
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.append(exc)
+
+
+def _queued_endpoint(
+    loop: asyncio.AbstractEventLoop, proto: Batched, n: int, sizes: list[int] | None = None
+) -> tuple[socket.socket, socket.socket]:
+    """A bound UDP socket with `n` datagrams already waiting in it (sent by
+    a plain socket before the loop looks), so the loop reads them in one
+    go; `sizes` gives each datagram's length (default: a 6-byte counter)."""
+    rsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    rsock.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for i in range(n):
+        if sizes is None:
+            tx.sendto(b"%06d" % i, rsock.getsockname())
+        else:
+            tx.sendto(bytes([i % 256]) * sizes[i], rsock.getsockname())
+    return rsock, tx
+
+
+def _numbers(got: list[tuple[bytes, Any]]) -> list[int]:
+    return [int(d) for d, _ in got]
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="asyncio's datagram transports pause from 3.11 on"
+)
+@pytest.mark.parametrize("N", [10, 40])
+def test_pause_reading_among_queued_datagrams_delivers_no_more_until_resumed(N: int) -> None:
+    """N datagrams wait in the socket; the protocol pauses reading on the
+    3rd. Nothing more arrives while paused, even though the loop may have
+    received them in one go; resume_reading() delivers the rest, in order,
+    none lost (also when none are left in the socket itself)."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[int, list[int]]:
+        proto = Batched(loop, 3, "pause")
+        rsock, tx = _queued_endpoint(loop, proto, N)
+        tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
+        await proto.wait_for_count(3)
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        while_paused = len(proto.got)
+        tr.resume_reading()
+        await proto.wait_for_count(N)
+        tr.close()
+        tx.close()
+        await asyncio.sleep(0)
+        return while_paused, _numbers(proto.got)
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    for name, run in runs.items():
+        assert run.result == (3, list(range(N))), name
+        assert run.errors == [], name
+
+
+def test_close_among_queued_datagrams_delivers_no_more() -> None:
+    N = 30
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[list[int], list[Any]]:
+        proto = Batched(loop, 4, "close")
+        rsock, tx = _queued_endpoint(loop, proto, N)
+        await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
+        await proto.wait_for_count(4)
+        for _ in range(10):
+            await asyncio.sleep(0.002)
+        tx.close()
+        return _numbers(proto.got), proto.lost
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    for name, run in runs.items():
+        assert run.result == ([0, 1, 2, 3], [None]), name
+
+
+def test_callback_raising_among_queued_datagrams_loses_none() -> None:
+    """datagram_received() raises on the 2nd of 25 waiting datagrams: the
+    exception reaches the loop's handler once and the other 24 still
+    arrive, in order."""
+    N = 25
+
+    async def main(loop: asyncio.AbstractEventLoop) -> list[int]:
+        proto = Batched(loop, 2, "raise")
+        rsock, tx = _queued_endpoint(loop, proto, N)
+        tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
+        await proto.wait_for_count(N)
+        tr.close()
+        tx.close()
+        await asyncio.sleep(0)
+        return _numbers(proto.got)
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    for name, run in runs.items():
+        assert run.result == list(range(N)), name
+        excs = [c.get("exception") for c in run.errors]
+        assert len(excs) == 1 and isinstance(excs[0], ValueError), (name, run.errors)
+
+
+@pytest.mark.parametrize("loop_name", list(LOOPS))
+def test_keyboard_interrupt_among_queued_datagrams_keeps_the_rest(loop_name: str) -> None:
+    """KeyboardInterrupt out of datagram_received() on the 5th of 20
+    waiting datagrams stops the loop; running it again delivers the other
+    15, in order."""
+    N = 20
+    loop = LOOPS[loop_name]()
+    try:
+        proto = Batched(loop, 5, "interrupt")
+        rsock, tx = _queued_endpoint(loop, proto, N)
+        interrupted = 0
+        tr = None
+
+        async def start() -> None:
+            nonlocal tr
+            tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
+            await asyncio.wait_for(proto.wait_for_count(N), SHORT)
+
+        # The datagrams may be read before create_datagram_endpoint()
+        # returns or after: each run goes on where the last one stopped.
+        aw: Any = start()
+        for _ in range(3):
+            try:
+                loop.run_until_complete(aw)
+                break
+            except KeyboardInterrupt:
+                interrupted += 1
+                assert _numbers(proto.got) == list(range(5))
+                aw = asyncio.wait_for(proto.wait_for_count(N), SHORT)
+        assert interrupted == 1
+        assert _numbers(proto.got) == list(range(N))
+        assert tr is not None
+        tr.close()
+        tx.close()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+
+
+def test_queued_datagrams_of_every_size_arrive_whole() -> None:
+    """Datagrams from 1 byte to the largest UDP payload wait together and
+    are read in one go: each arrives whole, in order."""
+    sizes = [1, 65507, 100, 30000, 1, 65507, 1472, 9000, 2, 65000, 512, 7, 40000, 3, 1, 64, 65507]
+
+    async def main(loop: asyncio.AbstractEventLoop) -> list[tuple[int, int]]:
+        proto = Batched(loop, 0, "")
+        rsock, tx = _queued_endpoint(loop, proto, len(sizes), sizes)
+        tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
+        await proto.wait_for_count(len(sizes))
+        tr.close()
+        tx.close()
+        await asyncio.sleep(0)
+        return [(len(d), d[0]) for d, _ in proto.got if d == d[:1] * len(d)]
+
+    with fds_released():
+        run = run_on(LOOPS["tokioloop"], main, timeout=SHORT)
+    assert run.result == [(s, i % 256) for i, s in enumerate(sizes)]
+
+
+@pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="asyncio's datagram transports pause from 3.11 on"
+)
+def test_no_datagram_arrives_while_paused() -> None:
+    """50 datagrams wait; the protocol pauses on every 3rd and resumes a
+    little later. None arrives while reading is paused (also among those
+    the loop had already received), and all arrive in order."""
+    N = 50
+
+    class PauseOften(Collect):
+        paused = False
+        while_paused = 0
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            if self.paused:
+                self.while_paused += 1
+            super().datagram_received(data, addr)
+            if len(self.got) % 3 == 0:
+                self.paused = True
+                self.tr.pause_reading()
+                self.loop.call_later(0.002, self.resume)
+
+        def resume(self) -> None:
+            self.paused = False
+            self.tr.resume_reading()
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[int, list[int]]:
+        proto = PauseOften(loop)
+        rsock, tx = _queued_endpoint(loop, Batched(loop, 0, ""), N)
+        tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
+        await proto.wait_for_count(N)
+        tr.close()
+        tx.close()
+        await asyncio.sleep(0)
+        return proto.while_paused, _numbers(proto.got)
+
+    with fds_released():
+        runs = on_both(main, timeout=SHORT)
+    for name, run in runs.items():
+        assert run.result == (0, list(range(N))), name
+        assert run.errors == [], name
