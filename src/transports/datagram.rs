@@ -4,9 +4,10 @@
 //! the running Python version (tokioloop/_transports.py subclasses it), so
 //! buffering, flow control and version differences are asyncio's own. Two
 //! things are native: receiving (a level-triggered reader on the loop that
-//! receives into the loop's shared buffer, converts the peer address and
-//! calls datagram_received, instead of a 256 KiB bytes object and a Python
-//! call per datagram) and the common case of sendto (nothing buffered).
+//! receives up to 16 datagrams with one recvmmsg into the loop's batch
+//! buffer, converts the peer addresses and calls datagram_received for each,
+//! instead of a recvfrom, a 256 KiB bytes object and a Python call per
+//! datagram) and the common case of sendto (nothing buffered).
 
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
