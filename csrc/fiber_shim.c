@@ -436,6 +436,17 @@ int tlf_c_remaining(PyThreadState *ts)
 #endif
 }
 
+/* Set the C recursion budget left (3.12+; no-op before). */
+void tlf_set_c_remaining(PyThreadState *ts, int v)
+{
+#if TLF_312P
+    ts->c_recursion_remaining = v;
+#else
+    (void)ts;
+    (void)v;
+#endif
+}
+
 /* A new reference to the innermost frame object of a suspended fiber, None
    semantics as NULL without an error; NULL with an error on failure.
    PyThreadState_GetFrame() may allocate the frame object, so the fiber's

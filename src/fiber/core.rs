@@ -137,6 +137,11 @@ pub(crate) struct Fiber {
     /// Top of the C stack and start of the data-stack chunk (measurements).
     stack_top: usize,
     chunk: usize,
+    /// While running: the fiber that resumed this one (null: the thread's
+    /// own stack did), and the C recursion budget its resumer had left then
+    /// (see `on_thread_stack`).
+    resumer: *mut Fiber,
+    resumer_c_remaining: i32,
 }
 
 /// Per-process fiber configuration, fixed at module init.
@@ -241,6 +246,8 @@ impl Fiber {
             guarded: false,
             stack_top: 0,
             chunk: 0,
+            resumer: std::ptr::null_mut(),
+            resumer_c_remaining: -1,
         })
     }
 
@@ -391,6 +398,8 @@ pub(crate) unsafe fn resume(py: Python<'_>, fp: *mut Fiber, msg: In) -> PyResult
     let mut co = (*fp).co.take().expect("fiber without a coroutine");
     let mut saved = ResumerState::new();
     let prev = (*tls).current.replace(fp);
+    (*fp).resumer = prev;
+    (*fp).resumer_c_remaining = shim::tlf_c_remaining(ts);
     (*fp).status = Status::Running;
     debug_assert!(ffi::PyErr_Occurred().is_null());
     // ---- switch window: no Python API calls until tlf_switch_out ----
@@ -425,6 +434,81 @@ pub(crate) unsafe fn resume(py: Python<'_>, fp: *mut Fiber, msg: In) -> PyResult
                 .unwrap_or_else(|| "panic in fiber".to_string());
             Err(PanicException::new_err(msg))
         }
+    }
+}
+
+/// Runs `f` on this thread's own C stack, also when called on a fiber:
+/// then below the point where the thread resumed the outermost running
+/// fiber (that part of the thread's stack is unused until that resume
+/// returns), with corosensei's `on_parent_stack`. Only the C stack changes:
+/// the Python thread state (frames, exception, context) stays the caller's,
+/// as for any call, while the fiber bookkeeping says "no fiber" (an
+/// `await_` inside raises as on the loop's stack, instead of suspending a
+/// fiber from a stack that is not its own) and the C recursion budget is
+/// capped at what the thread had left there.
+///
+/// For code that must run where the loop's own steps run: a greenlet keeps
+/// its C stack at the addresses where it started, so one started by another
+/// task's eager first step must start on the stack that task's later steps
+/// run on (see `LoopCore::create_task`).
+///
+/// Python 3.14's stack-bound checks (`c_stack_soft_limit`) would need the
+/// thread's bounds here too; the shim does not support 3.14 yet.
+pub(crate) fn on_thread_stack<R>(f: impl FnOnce() -> R + Send) -> R {
+    let tls = ftls();
+    // SAFETY: this thread's own TLS block.
+    let cur = unsafe { (*tls).current.get() };
+    if cur.is_null() {
+        return f();
+    }
+    struct Restore {
+        tls: *const FiberTls,
+        cur: *mut Fiber,
+        ts: *mut ffi::PyThreadState,
+        c_remaining: i32,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: the same thread's TLS block and thread state as when
+            // the guard was made (on_parent_stack returns on this thread).
+            unsafe {
+                (*self.tls).current.set(self.cur);
+                if self.c_remaining >= 0 {
+                    shim::tlf_set_c_remaining(self.ts, self.c_remaining);
+                }
+            }
+        }
+    }
+    // SAFETY: every fiber on the `resumer` chain from the current one is
+    // Running: each is blocked in `resume` of the next, and `resume`'s
+    // contract keeps its box at its address until that call returns, so the
+    // pointers are live. The outermost one's `yielder` was set by
+    // `fiber_main` when it started and lives on its stack while it runs;
+    // its parent link (read by on_parent_stack) is the thread's stack
+    // pointer inside that `resume`, below which nothing is in use until it
+    // returns. The thread state is this thread's (GIL held: we are running
+    // Python-called code), and the budget written is the smaller of two
+    // valid budgets, restored by the guard (also on a panic, which
+    // on_parent_stack carries back here).
+    unsafe {
+        let mut outer = cur;
+        while !(*outer).resumer.is_null() {
+            outer = (*outer).resumer;
+        }
+        let ts = ffi::PyThreadState_Get();
+        let c_remaining = shim::tlf_c_remaining(ts);
+        let _restore = Restore {
+            tls,
+            cur,
+            ts,
+            c_remaining,
+        };
+        (*tls).current.set(std::ptr::null_mut());
+        let cap = (*outer).resumer_c_remaining;
+        if c_remaining >= 0 && cap >= 0 && cap < c_remaining {
+            shim::tlf_set_c_remaining(ts, cap);
+        }
+        (*(*outer).yielder).on_parent_stack(f)
     }
 }
 

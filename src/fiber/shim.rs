@@ -46,6 +46,7 @@ extern "C" {
     pub(crate) fn tlf_context_ensure(ts: *mut ffi::PyThreadState) -> c_int;
     pub(crate) fn tlf_py_depth(ts: *mut ffi::PyThreadState) -> c_int;
     pub(crate) fn tlf_c_remaining(ts: *mut ffi::PyThreadState) -> c_int;
+    pub(crate) fn tlf_set_c_remaining(ts: *mut ffi::PyThreadState, v: c_int);
     pub(crate) fn tlf_datastack_top(ts: *mut ffi::PyThreadState) -> *mut c_void;
     fn tlf_state_top_frame(s: *mut RawState, ts: *mut ffi::PyThreadState) -> *mut ffi::PyObject;
 }

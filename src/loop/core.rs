@@ -1375,6 +1375,47 @@ impl LoopCore {
             )));
         }
         let factory = this.get_task_factory_attr(py);
+        if factory.is_some() || kwargs.is_some() {
+            // A factory, or Task(eager_start=True) on 3.13+, may run the new
+            // task's first step right here: on a fiber, run it where the
+            // task's later steps will run (see off_fiber_for_greenlets).
+            let (s, c) = (slf.clone().unbind(), coro.clone().unbind());
+            let (n, x) = (
+                name.map(|n| n.clone().unbind()),
+                context.map(|c| c.clone().unbind()),
+            );
+            let k = kwargs.map(|k| k.clone().unbind());
+            let made = crate::fiber::off_fiber_for_greenlets(py, move || {
+                Python::attach(|py| {
+                    Self::create_task_impl(
+                        s.bind(py),
+                        c.bind(py),
+                        n.as_ref().map(|n| n.bind(py)),
+                        x.as_ref().map(|x| x.bind(py)),
+                        k.as_ref().map(|k| k.bind(py)),
+                        factory,
+                    )
+                    .map(Bound::unbind)
+                })
+            });
+            return made.map(|t| t.into_bound(py));
+        }
+        Self::create_task_impl(slf, coro, name, context, kwargs, None)
+    }
+}
+
+impl LoopCore {
+    /// create_task() once its arguments are checked.
+    fn create_task_impl<'py>(
+        slf: &Bound<'py, Self>,
+        coro: &Bound<'py, PyAny>,
+        name: Option<&Bound<'py, PyAny>>,
+        context: Option<&Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+        factory: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let py = slf.py();
+        let this = slf.get();
         if let Some(factory) = factory {
             let factory = factory.bind(py);
             let task = if context.is_none() && kwargs.is_none() {
@@ -1450,7 +1491,10 @@ impl LoopCore {
         // is already the caller's.
         Ok(task)
     }
+}
 
+#[pymethods]
+impl LoopCore {
     /// A Handle for `callback(*args)` in a copy of the current context,
     /// not scheduled (asyncio's `events.Handle(callback, args, loop, None)`).
     fn _make_handle(

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import asyncio, greenlet, tokioloop
@@ -174,3 +176,96 @@ def test_fibers_refuse_what_greenlet_cannot_do() -> None:
     p = subprocess.run([sys.executable, "-c", MIXED], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
     assert p.stdout.split() == ["start", "7", "suspend", "3"], p.stdout
+
+
+EAGER = textwrap.dedent(
+    """
+    import asyncio, sys, greenlet, tokioloop
+
+    async def greenlet_spawn(fn):  # the core of SQLAlchemy's greenlet_spawn
+        g = greenlet.greenlet(fn, greenlet.getcurrent())
+        result = g.switch()
+        while not g.dead:
+            result = g.switch(await result)
+        return result
+
+    def body():
+        return sum(greenlet.getcurrent().parent.switch(asyncio.sleep(0.005, i)) for i in range(5))
+
+    async def query():
+        return await greenlet_spawn(body)
+
+    def deep(n, aw):
+        # the creator's fiber goes deeper than where the eager step ran, and
+        # waits there while the task's greenlet is resumed
+        if n == 0:
+            buf = bytearray(b"x" * 256)
+            r = tokioloop.await_(aw)
+            assert buf == bytearray(b"x" * 256)
+            return r
+        return sum(map(lambda _: deep(n - 1, aw), [0]))
+
+    async def in_anywhere_task():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)
+        t = loop.create_task(query())  # first step runs now, inside this call
+        loop.set_task_factory(None)
+        return deep(40, asyncio.sleep(0.05, 1000)), await t
+
+    async def in_run_anywhere(make):
+        loop = asyncio.get_running_loop()
+        def sync():
+            t = make(loop)
+            return deep(40, asyncio.sleep(0.05, 1000)), tokioloop.await_(t)
+        return await tokioloop.run_anywhere(sync)
+
+    def with_factory(loop):
+        loop.set_task_factory(asyncio.eager_task_factory)
+        try:
+            return loop.create_task(query())
+        finally:
+            loop.set_task_factory(None)
+
+    def with_eager_start(loop):
+        return loop.create_task(query(), eager_start=True)
+
+    async def await_in_eager_step():
+        def sync_await():
+            return tokioloop.await_(asyncio.sleep(0))
+        async def step():
+            sync_await()
+        loop = asyncio.get_running_loop()
+        def sync():
+            loop.set_task_factory(asyncio.eager_task_factory)
+            try:
+                t = loop.create_task(step())
+            finally:
+                loop.set_task_factory(None)
+            return tokioloop.await_(asyncio.gather(t, return_exceptions=True))
+        (err,) = await tokioloop.run_anywhere(sync)
+        return type(err).__name__
+
+    loop = tokioloop.new_event_loop(anywhere_tasks=True)
+    for _ in range(3):
+        assert loop.run_until_complete(in_anywhere_task()) == (1000, 10)
+    loop.close()
+    for _ in range(3):
+        assert tokioloop.run(in_run_anywhere(with_factory)) == (1000, 10)
+    if sys.version_info >= (3, 13):
+        assert tokioloop.run(in_run_anywhere(with_eager_start)) == (1000, 10)
+    assert tokioloop.run(await_in_eager_step()) == "RuntimeError"
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_eager_task_started_on_a_fiber_keeps_its_greenlet_on_the_loop_stack() -> None:
+    """An eager task created by code on a fiber runs its first step inside
+    create_task(); a greenlet that step starts (SQLAlchemy's greenlet_spawn)
+    is resumed by the task's later steps on the loop's stack. The first step
+    runs on the loop's stack too, so the greenlet does not copy its stack
+    over the creator's fiber (it crashed the process)."""
+    p = subprocess.run([sys.executable, "-c", EAGER], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    assert p.stdout.strip().endswith("ok")
