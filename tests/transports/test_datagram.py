@@ -500,6 +500,9 @@ def _queued_endpoint(
     go; `sizes` gives each datagram's length (default: a 6-byte counter)."""
     rsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    rcvbuf = rsock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # room for every datagram (the kernel would drop the rest: a hang here)
+    assert rcvbuf >= 1 << 20, f"SO_RCVBUF only {rcvbuf} (net.core.rmem_max)"
     rsock.bind(("127.0.0.1", 0))
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for i in range(n):
