@@ -409,6 +409,9 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
         blocksize = count if count else fsize
         if not blocksize:
             return 0
+        # os.sendfile() takes a C ssize_t (a count meaning "everything", such
+        # as 2**64, is sent in blocks, as asyncio does from 3.13 on).
+        blocksize = min(blocksize, sys.maxsize // 2 + 1)
         fd = sock.fileno()
         total = 0
         try:

@@ -326,7 +326,7 @@ class SSLProtocolCore:
         app_protocol: Any,
         sslcontext: ssl.SSLContext | None,
         waiter: asyncio.Future[None] | None,
-        server_side: bool = False,
+        server_side: object = None,
         server_hostname: str | None = None,
         call_connection_made: bool = True,
         ssl_handshake_timeout: float | None = None,

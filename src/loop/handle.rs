@@ -135,9 +135,18 @@ unsafe fn release_attached<T>(obj: &mut ManuallyDrop<Py<T>>) {
 impl Drop for Callback {
     fn drop(&mut self) {
         // SAFETY: see release_attached: callbacks are dropped attached.
+        // (`args` releases its own references after this.)
+        unsafe { release_attached(&mut self.func) }
+    }
+}
+
+impl Drop for Args {
+    fn drop(&mut self) {
+        // SAFETY: see release_attached: arguments are dropped attached, in
+        // their callback or, when scheduling fails (a closed loop, a bad
+        // callback), by the call_soon & co. that took them.
         unsafe {
-            release_attached(&mut self.func);
-            match &mut self.args {
+            match self {
                 Args::Empty => {}
                 Args::One(a) => release_attached(a),
                 Args::Many(t) => release_attached(t),

@@ -29,6 +29,25 @@ use super::oserror;
 use super::recycle;
 use super::selector::{Watcher, READ, WRITE};
 
+/// The fd of a sock_* method's socket. A closed socket.socket (fileno()
+/// -1) gives OSError(EBADF), as the socket's own methods raise for it,
+/// rather than the ValueError of an invalid fd.
+fn sock_fd(sock: &Bound<'_, PyAny>) -> PyResult<RawFd> {
+    fileobj_to_fd(sock).map_err(|e| {
+        let py = sock.py();
+        let closed = e.is_instance_of::<PyValueError>(py)
+            && sock
+                .call_method0(pyo3::intern!(py, "fileno"))
+                .and_then(|f| f.extract::<i64>())
+                .is_ok_and(|f| f == -1);
+        if closed {
+            oserror::from_errno(py, libc::EBADF)
+        } else {
+            e
+        }
+    })
+}
+
 /// An operation retried each time its fd is ready, until it finishes.
 pub(crate) trait SockOp: Send + Sync {
     fn id(&self) -> u64;
@@ -341,6 +360,12 @@ impl SockOp for Recv {
     fn refs(&self) -> Vec<&Py<PyAny>> {
         vec![]
     }
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // The loop too: a loop dropped unclosed with a pending sock_recv()
+        // is a cycle through this operation (loop -> its selector -> here).
+        visit.call(&self.fut)?;
+        visit.call(&self.lp)
+    }
 }
 
 struct RecvInto {
@@ -363,6 +388,11 @@ impl SockOp for RecvInto {
     }
     fn refs(&self) -> Vec<&Py<PyAny>> {
         vec![&self.buf]
+    }
+    fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
+        visit.call(&self.fut)?;
+        visit.call(&self.buf)?;
+        visit.call(&self.lp)
     }
 }
 
@@ -529,7 +559,7 @@ impl LoopCore {
         let py = slf.py();
         let this = slf.get();
         this.check_closed()?;
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         let n = bufsize(n)?;
         if let Some(data) = recv_bytes(this, py, fd, n)? {
             return Ok(data);
@@ -553,7 +583,7 @@ impl LoopCore {
         let py = slf.py();
         let this = slf.get();
         this.check_closed()?;
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         if let Some(n) = recv_into(this, py, fd, buf)? {
             return Ok(n);
         }
@@ -579,7 +609,7 @@ impl LoopCore {
             py,
             sock.call_method1(pyo3::intern!(py, "recvfrom"), (bufsize,))
         );
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(RecvFrom {
             id: slf.get().new_op_id(),
@@ -602,7 +632,7 @@ impl LoopCore {
             py,
             sock.call_method1(pyo3::intern!(py, "recvfrom_into"), (buf, nbytes))
         );
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(RecvFromInto {
             id: slf.get().new_op_id(),
@@ -627,7 +657,7 @@ impl LoopCore {
             py,
             sock.call_method1(pyo3::intern!(py, "sendto"), (data, address))
         );
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(SendTo {
             id: slf.get().new_op_id(),
@@ -649,7 +679,7 @@ impl LoopCore {
         slf.get().touch_io();
         let this = slf.get();
         this.check_closed()?;
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         let (pos, len) = send_from(py, fd, data, 0)?;
         if pos >= len {
             return Ok(py.None().into_bound(py));
@@ -690,7 +720,7 @@ impl LoopCore {
             Err(e) if would_block(py, &e) => {}
             Err(e) => return Err(e),
         }
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(Connect {
             id: slf.get().new_op_id(),
@@ -708,7 +738,7 @@ impl LoopCore {
         let py = slf.py();
         slf.get().check_closed()?;
         try_now!(py, accept_now(sock));
-        let fd = fileobj_to_fd(sock)?;
+        let fd = sock_fd(sock)?;
         let fut = Self::new_future(slf)?;
         let op = Arc::new(Accept {
             id: slf.get().new_op_id(),

@@ -1054,10 +1054,12 @@ impl StreamCore {
 
     /// Bytes-like data as asyncio's transports accept it.
     fn check_data(data: &Bound<'_, PyAny>) -> PyResult<()> {
-        if data.is_instance_of::<PyBytes>()
-            || data.is_instance_of::<PyByteArray>()
-            || data.is_instance_of::<PyMemoryView>()
-        {
+        if data.is_instance_of::<PyMemoryView>() {
+            // asyncio's write() takes len(data) first: a released view
+            // raises its ValueError from write(), the transport unharmed.
+            data.len()?;
+            Ok(())
+        } else if data.is_instance_of::<PyBytes>() || data.is_instance_of::<PyByteArray>() {
             Ok(())
         } else {
             Err(PyTypeError::new_err(format!(

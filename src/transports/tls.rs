@@ -1473,7 +1473,9 @@ fn check_timeout(
     match value.filter(|v| !v.is_none()) {
         None => Ok(default.clone_ref(py)),
         Some(v) => {
-            if v.le(0)? {
+            // NaN too: a timer that can never be set would leave the
+            // handshake or shutdown waiting forever.
+            if v.le(0)? || v.ne(&v)? {
                 Err(PyValueError::new_err(format!(
                     "{name} should be a positive number, got {}",
                     v.str()?
@@ -1489,7 +1491,7 @@ fn check_timeout(
 impl TlsProtocol {
     #[new]
     #[pyo3(signature = (
-        r#loop, app_protocol, sslcontext, waiter, server_side=false, server_hostname=None,
+        r#loop, app_protocol, sslcontext, waiter, server_side=None, server_hostname=None,
         call_connection_made=true, ssl_handshake_timeout=None, ssl_shutdown_timeout=None
     ))]
     #[allow(clippy::too_many_arguments)]
@@ -1499,12 +1501,17 @@ impl TlsProtocol {
         app_protocol: Bound<'_, PyAny>,
         sslcontext: Option<Bound<'_, PyAny>>,
         waiter: Option<Bound<'_, PyAny>>,
-        server_side: bool,
+        server_side: Option<Bound<'_, PyAny>>,
         server_hostname: Option<Bound<'_, PyAny>>,
         call_connection_made: bool,
         ssl_handshake_timeout: Option<Bound<'_, PyAny>>,
         ssl_shutdown_timeout: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        // Any truth value, as asyncio's SSLProtocol takes it.
+        let server_side = match &server_side {
+            Some(v) => v.is_truthy()?,
+            None => false,
+        };
         let c = consts(py)?;
         let handshake_timeout = check_timeout(
             py,

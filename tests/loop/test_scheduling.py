@@ -458,3 +458,29 @@ def test_many_loops_do_not_leak_fds(no_fd_leak: None) -> None:
         lp = tokioloop.new_event_loop()
         lp.run_until_complete(asyncio.sleep(0))
         lp.close()
+
+
+def test_scheduling_on_a_closed_loop_keeps_no_reference_to_the_arguments() -> None:
+    """call_soon() & co. on a closed loop raise RuntimeError and let go of
+    the callback's arguments (each call kept one reference)."""
+
+    class Arg:
+        pass
+
+    loop = tokioloop.new_event_loop()
+    loop.close()
+    arg = Arg()
+    ref = weakref.ref(arg)
+    calls: list[tuple[str, tuple[object, ...]]] = [
+        ("call_soon", (print, arg)),
+        ("call_soon", (print, arg, arg)),
+        ("call_soon_threadsafe", (print, arg)),
+        ("call_later", (1, print, arg)),
+        ("call_at", (1, print, arg, 2)),
+    ]
+    for method, args in calls:
+        with pytest.raises(RuntimeError, match="Event loop is closed"):
+            getattr(loop, method)(*args)
+    del arg, calls, args
+    gc.collect()
+    assert ref() is None

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+import tokioloop
+
 from .conftest import (
     PY311,
     SIGNED_CERTFILE,
@@ -135,6 +137,28 @@ def test_handshake_timeout_must_be_positive(loop: asyncio.AbstractEventLoop) -> 
             await loop.create_connection(
                 Recorder, "127.0.0.1", port, ssl=client_context(), ssl_handshake_timeout=-1
             )
+        listener.close()
+
+    run(loop, main())
+
+
+def test_handshake_timeout_must_not_be_nan(loop: asyncio.AbstractEventLoop) -> None:
+    """NaN passes asyncio's "<= 0" check and no timer can be set for it:
+    a clear ValueError at once, instead of a handshake that never ends."""
+    if not isinstance(loop, tokioloop.Loop):
+        pytest.skip("asyncio accepts NaN (listed in the README)")
+
+    async def main() -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        for arg in ("ssl_handshake_timeout", "ssl_shutdown_timeout"):
+            with pytest.raises(ValueError, match=f"{arg} should be a positive number, got nan"):
+                await asyncio.wait_for(
+                    loop.create_connection(
+                        Recorder, "127.0.0.1", port, ssl=client_context(), **{arg: float("nan")}
+                    ),
+                    10,
+                )
         listener.close()
 
     run(loop, main())

@@ -54,6 +54,42 @@ class P(asyncio.Protocol):
     pass
 
 
+# ---- sock_* on a closed socket ------------------------------------------
+
+
+def _closed_socket() -> socket.socket:
+    s = socket.socket()
+    s.setblocking(False)
+    s.close()
+    return s
+
+
+@case
+async def sock_recv_closed_socket(loop: Any, env: Env) -> Any:
+    return await loop.sock_recv(_closed_socket(), 10)
+
+
+@case
+async def sock_recv_into_closed_socket(loop: Any, env: Env) -> Any:
+    return await loop.sock_recv_into(_closed_socket(), bytearray(10))
+
+
+@case
+async def sock_sendall_closed_socket(loop: Any, env: Env) -> Any:
+    return await loop.sock_sendall(_closed_socket(), b"data")
+
+
+@case
+async def sock_sendfile_closed_socket(loop: Any, env: Env) -> Any:
+    with open(env.datafile, "rb") as f:
+        return await loop.sock_sendfile(_closed_socket(), f)
+
+
+@case
+async def sock_recvfrom_closed_socket(loop: Any, env: Env) -> Any:
+    return await loop.sock_recvfrom(_closed_socket(), 10)
+
+
 # ---- create_connection -------------------------------------------------
 
 
@@ -644,7 +680,14 @@ def _odd_payloads() -> dict[str, Any]:
         "writelines_with_str": ("lines", [b"one", bytearray(b"two"), memoryview(b"3"), "4", b"5"]),
         "writelines_ok": ("lines", [b"one", bytearray(b"two"), memoryview(b"three")]),
         "writelines_not_iterable": ("lines", 42),
+        "released_view": _released_view(),
     }
+
+
+def _released_view() -> memoryview:
+    m = memoryview(b"released")
+    m.release()
+    return m
 
 
 @pytest.mark.parametrize("case", list(_odd_payloads()))

@@ -99,3 +99,62 @@ def test_dropped_loop_with_queued_connection_lost_is_collected() -> None:
             left.close()
     assert results["asyncio"] == (True, ["unclosed event loop", "unclosed transport"])
     assert results["tokioloop"] == results["asyncio"]
+
+
+async def _start_sock_recv(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    asyncio.ensure_future(loop.sock_recv(sock, 10))
+    await asyncio.sleep(0.01)
+
+
+def test_dropped_loop_with_pending_sock_recv_is_collected() -> None:
+    """A loop dropped unclosed while a sock_recv() waits is collected, and
+    its fds closed (the operation's reference to the loop is part of the
+    cycle the garbage collector sees)."""
+    for factory in (asyncio.SelectorEventLoop, tokioloop.new_event_loop):
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        loop = factory()
+
+        loop.run_until_complete(_start_sock_recv(loop, a))
+        ref = weakref.ref(loop)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            del loop
+            gc.collect()
+        collected = ref() is None
+        left = ref()
+        if left is not None:
+            left.close()
+        del left
+        gc.collect()
+        assert collected, factory
+        assert len(os.listdir("/proc/self/fd")) == before, factory
+        a.close()
+        b.close()
+
+
+def test_endpoint_made_on_a_closed_loop_frees_its_socket() -> None:
+    """create_datagram_endpoint() awaited on a closed loop raises
+    RuntimeError, and its socket is freed with what refers to it."""
+    for factory in (asyncio.SelectorEventLoop, tokioloop.new_event_loop):
+        runner, closed = factory(), factory()
+        closed.close()
+        runner.run_until_complete(asyncio.sleep(0))  # its own fds (self-pipe) made
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match="Event loop is closed"):
+                runner.run_until_complete(
+                    closed.create_datagram_endpoint(
+                        asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0)
+                    )
+                )
+            ref = weakref.ref(closed)
+            del closed
+            gc.collect()
+        assert ref() is None, factory
+        assert len(os.listdir("/proc/self/fd")) == before, factory
+        runner.close()

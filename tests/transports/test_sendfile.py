@@ -226,3 +226,27 @@ def test_sendfile_fallback_over_a_native_transport() -> None:
     runs = on_both(main)
     assert runs["asyncio"].result == (len(payload), hashlib.sha256(payload).digest())
     assert runs["tokioloop"].result == runs["asyncio"].result
+
+
+def test_sock_sendfile_count_beyond_ssize_t_sends_the_file() -> None:
+    """A count of 2**64 ("everything"): the file is sent, in blocks
+    os.sendfile() takes (asyncio 3.12 raises OverflowError; 3.13 sends it)."""
+
+    async def main(loop: asyncio.AbstractEventLoop) -> tuple[int, bytes]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with tempfile.TemporaryFile() as f:
+            f.write(b"0123456789" * 100)
+            f.flush()
+            f.seek(0)
+            sent = await loop.sock_sendfile(a, f, 0, 2**64)
+        a.close()
+        got = b""
+        while chunk := await loop.sock_recv(b, 65536):
+            got += chunk
+        b.close()
+        return sent, got
+
+    with fds_released():
+        run = run_on(LOOPS["tokioloop"], main)
+    assert run.result == (1000, b"0123456789" * 100)
