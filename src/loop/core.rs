@@ -34,7 +34,6 @@ use super::recycle::BytesRecycler;
 use super::selector::{Selector, Watcher, READ, WRITE};
 use super::spin::{thread_cpu_time, SpinPolicy};
 use super::timers::Timers;
-use crate::transports::datagram::RecvBatch;
 use crate::transports::stream::{StreamCore, MAX_READ};
 use crate::transports::Source;
 
@@ -176,9 +175,6 @@ pub struct LoopCore {
     sources: GilCell<FxHashMap<u64, Source>>,
     /// One receive buffer for all transports of the loop.
     read_buf: GilCell<Vec<u8>>,
-    /// Where datagram endpoints receive a batch (one recvmmsg), allocated
-    /// on the first batch.
-    recv_batch: GilCell<Option<Box<RecvBatch>>>,
     /// The bytes object of the last data_received/datagram_received call,
     /// refilled for the next read when nothing kept it (see recycle.rs).
     pub(crate) recycler: BytesRecycler,
@@ -280,16 +276,6 @@ impl LoopCore {
             }
             f(b)
         })
-    }
-
-    /// Run `f` on the loop's datagram batch (see `RecvBatch`).
-    pub(crate) fn with_recv_batch<R>(
-        &self,
-        py: Python<'_>,
-        f: impl FnOnce(&mut RecvBatch) -> R,
-    ) -> R {
-        self.recv_batch
-            .with(py, |b| f(b.get_or_insert_with(RecvBatch::new)))
     }
 
     /// Another loop's run is open in this thread (Driver::run_session):
@@ -1177,7 +1163,6 @@ impl LoopCore {
             next_token: AtomicU64::new(1),
             sources: GilCell::new(FxHashMap::default()),
             read_buf: GilCell::new(Vec::new()),
-            recv_batch: GilCell::new(None),
             recycler: BytesRecycler::new(),
             spin: GilCell::new(SpinPolicy::new(spin_limit())),
             jobs_run: AtomicU64::new(0),

@@ -4,12 +4,10 @@
 //! the running Python version (tokioloop/_transports.py subclasses it), so
 //! buffering, flow control and version differences are asyncio's own. Two
 //! things are native: receiving (a level-triggered reader on the loop that
-//! receives up to 16 datagrams with one recvmmsg into the loop's batch
-//! buffer, converts the peer addresses and calls datagram_received for each,
-//! instead of a recvfrom, a 256 KiB bytes object and a Python call per
-//! datagram) and the common case of sendto (nothing buffered).
+//! receives into the loop's shared buffer, converts the peer address and
+//! calls datagram_received, instead of a 256 KiB bytes object and a Python
+//! call per datagram) and the common case of sendto (nothing buffered).
 
-use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
@@ -21,139 +19,11 @@ use pyo3::types::{PyByteArray, PyBytes, PyMemoryView, PyString, PyTuple};
 use crate::event_loop::cell::GilCell;
 use crate::event_loop::core::LoopCore;
 use crate::event_loop::handle::{copy_context, run_in_context};
-use crate::event_loop::job::Job;
-use crate::event_loop::recycle::Made;
 use crate::event_loop::selector::NativeReader;
-use crate::transports::stream::MAX_READ;
 
-/// Datagrams received per readiness event at most, with one recvmmsg
-/// (then other callbacks get their turn; the fd stays ready and is served
-/// next iteration).
+/// Datagrams received per readiness event at most (then other callbacks
+/// get their turn; the fd stays ready and is served next iteration).
 const BATCH: usize = 16;
-/// The distance between two datagrams' slots in the batch buffer: each
-/// gets MAX_READ bytes, as much as asyncio's recvfrom() asks for; the
-/// extra 1,088 bytes start the slots on different cache sets.
-const SLOT: usize = MAX_READ + 1088;
-
-/// Where a datagram endpoint receives a batch: BATCH slots and the
-/// recvmmsg headers that point at them, set up once per loop (the loop
-/// keeps one; only the loop's thread, with the GIL, uses it).
-pub(crate) struct RecvBatch {
-    /// BATCH slots, SLOT bytes apart (zeroed, so untouched pages cost no
-    /// memory).
-    data: Vec<u8>,
-    /// The senders' addresses; the kernel writes them and says how long
-    /// each is (only that much is read).
-    names: [MaybeUninit<libc::sockaddr_storage>; BATCH],
-    iovs: [libc::iovec; BATCH],
-    msgs: [libc::mmsghdr; BATCH],
-}
-
-// SAFETY: the raw pointers in `iovs` and `msgs` point into the same boxed
-// RecvBatch (its `data` heap buffer, `names` and `iovs`), never elsewhere,
-// and the box never moves its contents; the loop that owns it touches it
-// only from its own thread under the GIL (GilCell).
-unsafe impl Send for RecvBatch {}
-
-impl RecvBatch {
-    pub(crate) fn new() -> Box<Self> {
-        let mut b = Box::new(RecvBatch {
-            data: vec![0; BATCH * SLOT],
-            names: [MaybeUninit::uninit(); BATCH],
-            iovs: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; BATCH],
-            // SAFETY: all-zero bytes are a valid mmsghdr (null pointers,
-            // zero lengths); the fields that matter are set below.
-            msgs: unsafe { std::mem::zeroed() },
-        });
-        let b_ref = &mut *b;
-        for i in 0..BATCH {
-            b_ref.iovs[i].iov_base = b_ref.data[i * SLOT..].as_mut_ptr().cast();
-            b_ref.iovs[i].iov_len = MAX_READ;
-            let h = &mut b_ref.msgs[i].msg_hdr;
-            h.msg_name = b_ref.names[i].as_mut_ptr().cast();
-            h.msg_iov = &mut b_ref.iovs[i];
-            h.msg_iovlen = 1;
-        }
-        b
-    }
-
-    /// Receive up to BATCH datagrams without blocking: how many, or errno.
-    fn receive(&mut self, fd: RawFd) -> Result<usize, i32> {
-        for m in self.msgs.iter_mut() {
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
-        }
-        // SAFETY: each of the BATCH headers points at its own address
-        // storage (msg_namelen bytes) and at its own iovec of MAX_READ
-        // writable bytes inside `data` (slots SLOT >= MAX_READ apart, so
-        // none overlap), all owned by `self`, which outlives the call. The
-        // caller's fd stays open while its reader is registered.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.msgs.as_mut_ptr(),
-                BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            Err(errno())
-        } else {
-            Ok(n as usize)
-        }
-    }
-
-    /// The `i`th datagram of the last `receive`, and its sender's address.
-    fn datagram(&self, i: usize) -> (&[u8], &[u8]) {
-        let m = &self.msgs[i];
-        let len = (m.msg_len as usize).min(MAX_READ);
-        let alen =
-            (m.msg_hdr.msg_namelen as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
-        // SAFETY: the kernel wrote the first `alen` bytes of names[i] (at
-        // most its size), and only those are read.
-        let addr = unsafe { std::slice::from_raw_parts(self.names[i].as_ptr().cast::<u8>(), alen) };
-        (&self.data[i * SLOT..][..len], addr)
-    }
-}
-
-/// A destination address on the stack (a server answering a cached peer
-/// allocates nothing).
-struct AddrBuf {
-    buf: [u8; std::mem::size_of::<libc::sockaddr_storage>()],
-    len: usize,
-}
-
-impl AddrBuf {
-    fn from(raw: &[u8]) -> Self {
-        let mut a = AddrBuf {
-            buf: [0; std::mem::size_of::<libc::sockaddr_storage>()],
-            len: raw.len().min(std::mem::size_of::<libc::sockaddr_storage>()),
-        };
-        a.buf[..a.len].copy_from_slice(&raw[..a.len]);
-        a
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-/// A datagram's sender: its address object when the cache knows it (looked
-/// up while the batch is borrowed), else its raw address, converted once
-/// no borrow is held (the conversion runs Python code).
-enum Sender<'py> {
-    Known(Bound<'py, PyAny>),
-    Raw(Vec<u8>),
-}
-
-/// A datagram received but not delivered yet (see `DatagramCore::hold`).
-struct Held {
-    data: Vec<u8>,
-    addr: Vec<u8>,
-}
 
 /// The protocol's callbacks, bound once. asyncio looks them up only when it
 /// calls them, so a protocol may lack one it never needs (a send-only
@@ -187,6 +57,28 @@ impl<'py> Callback<'py> {
 struct AddrCache {
     raw: Vec<u8>,
     obj: Py<PyAny>,
+}
+
+/// A destination address on the stack (a server answering a cached peer
+/// allocates nothing).
+struct AddrBuf {
+    buf: [u8; std::mem::size_of::<libc::sockaddr_storage>()],
+    len: usize,
+}
+
+impl AddrBuf {
+    fn from(raw: &[u8]) -> Self {
+        let mut a = AddrBuf {
+            buf: [0; std::mem::size_of::<libc::sockaddr_storage>()],
+            len: raw.len().min(std::mem::size_of::<libc::sockaddr_storage>()),
+        };
+        a.buf[..a.len].copy_from_slice(&raw[..a.len]);
+        a
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// The last ADDR_CACHE_SIZE peer addresses (a server talking to a few
@@ -237,8 +129,6 @@ pub struct DatagramCore {
     in_ctx: std::sync::atomic::AtomicBool,
     cb: GilCell<Option<Cached>>,
     addr: GilCell<AddrCaches>,
-    /// Datagrams of a batch not delivered yet, in order.
-    held: GilCell<VecDeque<Held>>,
 }
 
 fn errno() -> i32 {
@@ -445,154 +335,80 @@ impl DatagramCore {
         Ok(Some(obj))
     }
 
-    /// Whether the endpoint still receives: a callback may have paused
-    /// reading or closed the transport (its reader is then gone).
-    fn receiving(&self, py: Python<'_>) -> bool {
-        self.lp.bind(py).get().has_native_reader(py, self.fd)
-    }
-
-    /// Deliver one datagram (its bytes object made by the caller): Ok(false)
-    /// once the transport is closed.
-    fn deliver<'py>(
-        &self,
-        py: Python<'py>,
-        made: Made<'py>,
-        sender: Sender<'py>,
-    ) -> PyResult<bool> {
+    /// One recvfrom; Ok(false) when there is nothing to read.
+    fn receive_one(&self, py: Python<'_>) -> PyResult<bool> {
         let lp = self.lp.bind(py).get();
-        let Some(datagram_received) = self.callback(py, false) else {
-            return Ok(false);
-        };
-        let addr = match sender {
-            Sender::Known(a) => a,
-            Sender::Raw(raw) => match self.addr_object(py, &raw)? {
-                Some(a) => a,
-                None => other_sockaddr_to_py(py, &raw),
-            },
-        };
-        datagram_received.call1((&made.obj, addr))?;
-        lp.recycler.give_back(py, made);
-        Ok(true)
-    }
-
-    /// Keep datagrams received but not delivered (the protocol paused
-    /// reading, or a callback raised, in the middle of a batch) for the
-    /// next delivery, in order.
-    fn hold(&self, py: Python<'_>, rest: impl Iterator<Item = Held>) {
-        self.held.with(py, |h| h.extend(rest));
-    }
-
-    /// Deliver what `hold` kept, while the endpoint receives: Ok(true) when
-    /// all of it went and the endpoint still receives (at once when
-    /// nothing is held: the common case).
-    fn deliver_held(&self, this: &Py<DatagramCore>, py: Python<'_>) -> PyResult<bool> {
-        while self.held.with(py, |h| !h.is_empty()) {
-            if !self.receiving(py) {
-                return Ok(false);
-            }
-            let Some(d) = self.held.with(py, |h| h.pop_front()) else {
-                break;
+        let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+        let mut alen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let got = lp.with_read_buffer(py, |buf| {
+            // SAFETY: `buf` is writable for its length; `storage` can hold
+            // any address; the fd stays open while the reader is registered.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    storage.as_mut_ptr().cast(),
+                    &mut alen,
+                )
             };
-            let made = self.lp.bind(py).get().recycler.make(py, &d.data);
-            match self.deliver(py, made, Sender::Raw(d.addr)) {
-                Ok(true) => {}
-                Ok(false) => return Ok(false),
-                Err(e) => {
-                    self.resume_held_soon(this, py);
-                    return Err(e);
-                }
+            if n < 0 {
+                Err(errno())
+            } else {
+                lp.count_read(n as usize);
+                Ok(lp.recycler.make(py, &buf[..n as usize]))
             }
-            if self.held.with(py, |h| h.is_empty()) {
-                // The last one's callback may have paused reading.
-                return Ok(self.receiving(py));
+        });
+        match got {
+            Err(libc::EAGAIN) | Err(libc::EINTR) => Ok(false),
+            Err(e) => {
+                let Some(error_received) = self.callback(py, true) else {
+                    return Ok(false);
+                };
+                // As asyncio: an OSError from recvfrom goes to error_received().
+                let exc = crate::event_loop::oserror::from_errno(py, e);
+                error_received.call1((exc.value(py),))?;
+                Ok(false)
+            }
+            Ok(data) => {
+                let Some(datagram_received) = self.callback(py, false) else {
+                    return Ok(false);
+                };
+                let alen = (alen as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+                // SAFETY: the kernel wrote `alen` bytes of address.
+                let raw =
+                    unsafe { std::slice::from_raw_parts(storage.as_ptr().cast::<u8>(), alen) };
+                let addr = match self.addr_object(py, raw)? {
+                    Some(a) => a,
+                    None => other_sockaddr_to_py(py, raw),
+                };
+                datagram_received.call1((&data.obj, addr))?;
+                lp.recycler.give_back(py, data);
+                Ok(true)
             }
         }
-        Ok(true)
     }
+}
 
-    /// With datagrams held (a callback raised, or reading resumes after a
-    /// pause): deliver them in the next iteration (as asyncio reads the next
-    /// datagram then), even if no more arrive to make the socket readable.
-    fn resume_held_soon(&self, this: &Py<DatagramCore>, py: Python<'_>) {
-        if self.held.with(py, |h| !h.is_empty()) {
-            let reader: std::sync::Arc<dyn NativeReader> =
-                std::sync::Arc::new(DatagramReaderRef(this.clone_ref(py)));
-            self.lp.bind(py).get().push_ready(py, Job::Reader(reader));
-        }
-    }
-
-    /// The socket is readable (or held datagrams wait): deliver the held
-    /// ones, then receive up to BATCH datagrams with one recvmmsg and
-    /// deliver them, each to datagram_received() as asyncio's
-    /// recvfrom-per-datagram does. A short batch means the socket is
-    /// drained, so an idle endpoint costs no failing receive per wake-up.
-    fn on_ready(&self, this: &Py<DatagramCore>, py: Python<'_>) -> PyResult<()> {
+impl NativeReader for DatagramCore {
+    fn on_ready(&self, py: Python<'_>) -> PyResult<()> {
         self.in_own_context(py, || {
-            // A queued run (resume_held_soon) may find reading paused again.
-            if !self.receiving(py) || !self.deliver_held(this, py)? {
-                return Ok(());
-            }
-            let lp = self.lp.bind(py).get();
-            let n = match lp.with_recv_batch(py, |b| b.receive(self.fd)) {
-                Ok(n) => n,
-                Err(libc::EAGAIN) | Err(libc::EINTR) => return Ok(()),
-                Err(e) => {
-                    // As asyncio: an OSError from recvfrom goes to error_received().
-                    if let Some(error_received) = self.callback(py, true) {
-                        let exc = crate::event_loop::oserror::from_errno(py, e);
-                        error_received.call1((exc.value(py),))?;
-                    }
-                    return Ok(());
+            for i in 0..BATCH {
+                // A datagram_received() may have paused reading or closed
+                // the transport (its reader is then gone): no more then.
+                if i > 0 && !self.lp.bind(py).get().has_native_reader(py, self.fd) {
+                    break;
                 }
-            };
-            // The rest of the batch (from `from` on), copied out to be held.
-            let rest = |py: Python<'_>, from: usize| {
-                lp.with_recv_batch(py, |b| {
-                    (from..n)
-                        .map(|j| {
-                            let (data, addr) = b.datagram(j);
-                            Held {
-                                data: data.to_vec(),
-                                addr: addr.to_vec(),
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                })
-            };
-            for i in 0..n {
-                if i > 0 && !self.receiving(py) {
-                    let r = rest(py, i);
-                    self.hold(py, r.into_iter());
-                    return Ok(());
-                }
-                let (made, sender) = lp.with_recv_batch(py, |b| {
-                    let (data, addr) = b.datagram(i);
-                    lp.count_read(data.len());
-                    let known = self
-                        .addr
-                        .with(py, |c| c.by_raw(addr).map(|c| c.obj.bind(py).clone()));
-                    let sender = match known {
-                        Some(a) => Sender::Known(a),
-                        None => Sender::Raw(addr.to_vec()),
-                    };
-                    (lp.recycler.make(py, data), sender)
-                });
-                match self.deliver(py, made, sender) {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(()),
-                    Err(e) => {
-                        let r = rest(py, i + 1);
-                        self.hold(py, r.into_iter());
-                        self.resume_held_soon(this, py);
-                        return Err(e);
-                    }
+                if !self.receive_one(py)? {
+                    break;
                 }
             }
             Ok(())
         })
     }
 
-    fn visit_refs(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+    fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
         visit.call(&self.lp)?;
         visit.call(&self.transport)?;
         visit.call(&self.ctx)?;
@@ -639,14 +455,13 @@ impl DatagramCore {
             in_ctx: std::sync::atomic::AtomicBool::new(false),
             cb: GilCell::new(None),
             addr: GilCell::new(AddrCaches::default()),
-            held: GilCell::new(VecDeque::new()),
         };
         core.set_protocol(py, &protocol)?;
         Ok(core)
     }
 
     fn __traverse__(&self, visit: pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
-        self.visit_refs(&visit)
+        NativeReader::visit(self, &visit)
     }
 
     /// Breaks the cycles through the protocol (protocol -> transport ->
@@ -692,11 +507,7 @@ impl DatagramCore {
         this.lp
             .bind(py)
             .get()
-            .add_native_reader(py, this.fd, reader)?;
-        // Datagrams held back when reading paused in the middle of a batch
-        // come first, whether or not more arrive.
-        this.resume_held_soon(slf.as_unbound(), py);
-        Ok(())
+            .add_native_reader(py, this.fd, reader)
     }
 
     /// Try to send without buffering: True if the datagram went out (or an
@@ -781,7 +592,7 @@ struct DatagramReaderRef(Py<DatagramCore>);
 
 impl NativeReader for DatagramReaderRef {
     fn on_ready(&self, py: Python<'_>) -> PyResult<()> {
-        self.0.get().on_ready(&self.0, py)
+        self.0.get().on_ready(py)
     }
 
     fn visit(&self, visit: &pyo3::gc::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {

@@ -523,9 +523,10 @@ def _numbers(got: list[tuple[bytes, Any]]) -> list[int]:
 @pytest.mark.parametrize("N", [10, 40])
 def test_pause_reading_among_queued_datagrams_delivers_no_more_until_resumed(N: int) -> None:
     """N datagrams wait in the socket; the protocol pauses reading on the
-    3rd. Nothing more arrives while paused, even though the loop may have
-    received them in one go; resume_reading() delivers the rest, in order,
-    none lost (also when none are left in the socket itself)."""
+    3rd. Nothing more arrives while paused (tokioloop went on reading the
+    socket's queue for the rest of the readiness event: up to 16 datagrams
+    delivered to a paused protocol); resume_reading() delivers the rest, in
+    order, none lost."""
 
     async def main(loop: asyncio.AbstractEventLoop) -> tuple[int, list[int]]:
         proto = Batched(loop, 3, "pause")
@@ -550,6 +551,9 @@ def test_pause_reading_among_queued_datagrams_delivers_no_more_until_resumed(N: 
 
 
 def test_close_among_queued_datagrams_delivers_no_more() -> None:
+    """The protocol closes the transport on the 4th of 30 waiting datagrams:
+    no more reach it (tokioloop delivered the rest of the readiness event's
+    up to 16 to a closed transport's protocol)."""
     N = 30
 
     async def main(loop: asyncio.AbstractEventLoop) -> tuple[list[int], list[Any]]:
@@ -633,7 +637,7 @@ def test_keyboard_interrupt_among_queued_datagrams_keeps_the_rest(loop_name: str
 
 def test_queued_datagrams_of_every_size_arrive_whole() -> None:
     """Datagrams from 1 byte to the largest UDP payload wait together and
-    are read in one go: each arrives whole, in order."""
+    are read in one readiness event: each arrives whole, in order."""
     sizes = [1, 65507, 100, 30000, 1, 65507, 1472, 9000, 2, 65000, 512, 7, 40000, 3, 1, 64, 65507]
 
     async def main(loop: asyncio.AbstractEventLoop) -> list[tuple[int, int]]:
@@ -656,8 +660,8 @@ def test_queued_datagrams_of_every_size_arrive_whole() -> None:
 )
 def test_no_datagram_arrives_while_paused() -> None:
     """50 datagrams wait; the protocol pauses on every 3rd and resumes a
-    little later. None arrives while reading is paused (also among those
-    the loop had already received), and all arrive in order."""
+    little later. None arrives while reading is paused, and all arrive in
+    order."""
     N = 50
 
     class PauseOften(Collect):
