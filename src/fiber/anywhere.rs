@@ -739,20 +739,17 @@ struct AcInner {
     running: bool,
 }
 
-/// Run `f` on the thread's own C stack if the caller is on a fiber and
-/// greenlets may be about (greenlet imported, the caller in the thread's
-/// main greenlet); else in place. For calls that may run another task's
-/// first step at once (an eager task factory): that step, and a greenlet
-/// it starts (SQLAlchemy's `greenlet_spawn`), must run on the stack the
-/// task's later steps run on, the loop's, or switching back into that
-/// greenlet later would copy its saved stack over this fiber's.
-pub(crate) fn off_fiber_for_greenlets<R>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> R {
-    if core::current().is_null() || !greenlet_loaded(py) || in_child_greenlet(py) {
-        // (Inside a child greenlet, moving to another stack would break
-        // greenlet's picture of that greenlet's stack instead.)
-        return f();
-    }
-    core::on_thread_stack(f)
+/// Whether a call that may run another task's first step at once (an eager
+/// task factory) must move to the thread's own C stack (`on_thread_stack`):
+/// the caller is on a fiber and greenlets may be about (greenlet imported,
+/// the caller in the thread's main greenlet). That step, and a greenlet it
+/// starts (SQLAlchemy's `greenlet_spawn`), must run on the stack the task's
+/// later steps run on, the loop's, or switching back into that greenlet
+/// later would copy its saved stack over this fiber's. (Inside a child
+/// greenlet, moving to another stack would break greenlet's picture of
+/// that greenlet's stack instead, so the call stays.)
+pub(crate) fn needs_thread_stack(py: Python<'_>) -> bool {
+    !core::current().is_null() && greenlet_loaded(py) && !in_child_greenlet(py)
 }
 
 /// Whether the greenlet module has been imported (once it has, it stays

@@ -65,7 +65,8 @@ fn stack_size_from_env() -> usize {
         .unwrap_or(DEFAULT_STACK)
 }
 
-pub(crate) use anywhere::off_fiber_for_greenlets;
+pub(crate) use anywhere::needs_thread_stack;
+pub(crate) use core::on_thread_stack;
 
 /// `AnywhereCoroutine(coro)`: the coroutine of an await-anywhere task.
 pub(crate) fn anywhere_coroutine<'py>(

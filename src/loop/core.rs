@@ -1360,17 +1360,17 @@ impl LoopCore {
             )));
         }
         let factory = this.get_task_factory_attr(py);
-        if factory.is_some() || kwargs.is_some() {
+        if (factory.is_some() || kwargs.is_some()) && crate::fiber::needs_thread_stack(py) {
             // A factory, or Task(eager_start=True) on 3.13+, may run the new
-            // task's first step right here: on a fiber, run it where the
-            // task's later steps will run (see off_fiber_for_greenlets).
+            // task's first step right here: run it where the task's later
+            // steps will run (see needs_thread_stack).
             let (s, c) = (slf.clone().unbind(), coro.clone().unbind());
             let (n, x) = (
                 name.map(|n| n.clone().unbind()),
                 context.map(|c| c.clone().unbind()),
             );
             let k = kwargs.map(|k| k.clone().unbind());
-            let made = crate::fiber::off_fiber_for_greenlets(py, move || {
+            let made = crate::fiber::on_thread_stack(move || {
                 Python::attach(|py| {
                     Self::create_task_impl(
                         s.bind(py),
@@ -1385,7 +1385,7 @@ impl LoopCore {
             });
             return made.map(|t| t.into_bound(py));
         }
-        Self::create_task_impl(slf, coro, name, context, kwargs, None)
+        Self::create_task_impl(slf, coro, name, context, kwargs, factory)
     }
 }
 
