@@ -249,3 +249,26 @@ def test_unix_socket(loop: asyncio.AbstractEventLoop, handled: Handled, tmp_path
 
     run(loop, main())
     assert handled.contexts == []
+
+
+def test_start_tls_takes_any_truth_value_for_server_side(loop: asyncio.AbstractEventLoop) -> None:
+    """server_side=1 on one end and 0 on the other (asyncio takes any truth
+    value; tokioloop's native protocol wanted an exact bool)."""
+
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        ta, pa = await loop.create_connection(Collect, sock=a)
+        tb, pb = await loop.create_connection(Echo, sock=b)
+        server = loop.start_tls(tb, pb, server_context(), server_side=1)
+        client = loop.start_tls(ta, pa, client_context(), server_side=0, server_hostname="")
+        tls_b, tls_a = await asyncio.gather(server, client)
+        pb.transport = tls_b
+        tls_a.write(b"ping")
+        while bytes(pa.data) != b"ping":
+            await asyncio.sleep(0.01)
+        tls_a.close()
+        tls_b.close()
+        await asyncio.sleep(0.05)
+        return bytes(pa.data)
+
+    assert run(loop, main()) == b"ping"
