@@ -492,12 +492,10 @@ class Batched(Collect):
         self.lost.append(exc)
 
 
-def _queued_endpoint(
-    loop: asyncio.AbstractEventLoop, proto: Batched, n: int, sizes: list[int] | None = None
-) -> tuple[socket.socket, socket.socket]:
+def _queued_endpoint(n: int, sizes: list[int] | None = None) -> tuple[socket.socket, socket.socket]:
     """A bound UDP socket with `n` datagrams already waiting in it (sent by
-    a plain socket before the loop looks), so the loop reads them in one
-    go; `sizes` gives each datagram's length (default: a 6-byte counter)."""
+    a plain socket before the loop looks), so the loop finds them all in
+    one readiness event; `sizes` gives each datagram's length (default: a 6-byte counter)."""
     rsock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     rcvbuf = rsock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
@@ -530,7 +528,7 @@ def test_pause_reading_among_queued_datagrams_delivers_no_more_until_resumed(N: 
 
     async def main(loop: asyncio.AbstractEventLoop) -> tuple[int, list[int]]:
         proto = Batched(loop, 3, "pause")
-        rsock, tx = _queued_endpoint(loop, proto, N)
+        rsock, tx = _queued_endpoint(N)
         tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
         await proto.wait_for_count(3)
         for _ in range(20):
@@ -558,7 +556,7 @@ def test_close_among_queued_datagrams_delivers_no_more() -> None:
 
     async def main(loop: asyncio.AbstractEventLoop) -> tuple[list[int], list[Any]]:
         proto = Batched(loop, 4, "close")
-        rsock, tx = _queued_endpoint(loop, proto, N)
+        rsock, tx = _queued_endpoint(N)
         await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
         await proto.wait_for_count(4)
         for _ in range(10):
@@ -580,7 +578,7 @@ def test_callback_raising_among_queued_datagrams_loses_none() -> None:
 
     async def main(loop: asyncio.AbstractEventLoop) -> list[int]:
         proto = Batched(loop, 2, "raise")
-        rsock, tx = _queued_endpoint(loop, proto, N)
+        rsock, tx = _queued_endpoint(N)
         tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
         await proto.wait_for_count(N)
         tr.close()
@@ -605,7 +603,7 @@ def test_keyboard_interrupt_among_queued_datagrams_keeps_the_rest(loop_name: str
     loop = LOOPS[loop_name]()
     try:
         proto = Batched(loop, 5, "interrupt")
-        rsock, tx = _queued_endpoint(loop, proto, N)
+        rsock, tx = _queued_endpoint(N)
         interrupted = 0
         tr = None
 
@@ -642,7 +640,7 @@ def test_queued_datagrams_of_every_size_arrive_whole() -> None:
 
     async def main(loop: asyncio.AbstractEventLoop) -> list[tuple[int, int]]:
         proto = Batched(loop, 0, "")
-        rsock, tx = _queued_endpoint(loop, proto, len(sizes), sizes)
+        rsock, tx = _queued_endpoint(len(sizes), sizes)
         tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
         await proto.wait_for_count(len(sizes))
         tr.close()
@@ -683,7 +681,7 @@ def test_no_datagram_arrives_while_paused() -> None:
 
     async def main(loop: asyncio.AbstractEventLoop) -> tuple[int, list[int]]:
         proto = PauseOften(loop)
-        rsock, tx = _queued_endpoint(loop, Batched(loop, 0, ""), N)
+        rsock, tx = _queued_endpoint(N)
         tr, _ = await loop.create_datagram_endpoint(lambda: proto, sock=rsock)
         await proto.wait_for_count(N)
         tr.close()
