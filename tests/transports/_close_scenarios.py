@@ -189,10 +189,12 @@ def main() -> None:
         gc.collect()
         gc.collect()
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+        # the loop's child watcher may have reaped it already (asyncio's
+        # watcher thread does when the child died of the transport's kill)
         try:
+            os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        except ChildProcessError:
+        except (ProcessLookupError, ChildProcessError):
             pass
     after = fd_kinds()
     leaked = sorted(v for k, v in after.items() if k not in before)
