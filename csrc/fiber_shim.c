@@ -11,6 +11,10 @@
  * `tlf_switch_out()` does the reverse. Both run on the resumer's side (see
  * core.rs), never with a Python error set.
  *
+ * The exception being handled is kept apart: CPython's slots form a chain
+ * (generators link theirs on top of their resumer's), so a fiber's slots are
+ * put on top of the resumer's instead of swapped with them (tlf_switch_in).
+ *
  * The contextvars Context is the exception: a fiber runs in the Context of
  * whoever resumes it (like a coroutine, which runs in its awaiter's
  * Context), so a task and the synchronous code it runs on a fiber share one
@@ -72,9 +76,14 @@ typedef struct tlf_state {
        (context_owned == 0) or owned (1). */
     PyObject *context;
     int context_owned;
-    /* sys.exc_info(): contents of the bottom exception slot (strong
-       references) and the innermost slot pointer (NULL = the bottom slot of
-       the thread state). */
+    /* sys.exc_info(). Fiber blocks: `exc_state` is the fiber's own bottom
+       exception slot (strong references; it lives in this heap block, so
+       slots of generators resumed on the fiber can point at it) and
+       `exc_info` the fiber's innermost slot while it is switched out (its
+       own bottom slot, or a slot of a generator running on its stack).
+       Resumer blocks: `exc_info` is the resumer's innermost slot; their
+       `exc_state` is unused (the thread state's bottom slot stays where it
+       is, with its contents). */
     _PyErr_StackItem exc_state;
     _PyErr_StackItem *exc_info;
 #if TLF_310
@@ -144,7 +153,7 @@ void tlf_state_init(tlf_state *s, PyThreadState *ts, PyObject *context, int c_bu
 {
     memset(s, 0, sizeof(*s));
     s->context = context;
-    s->exc_info = NULL;
+    s->exc_info = &s->exc_state;
 #if TLF_CFRAME
     /* The fiber's bottom CFrame lives in this heap block; eval loops started
        on the fiber link their own (stack) CFrames to it. Its `previous` is a
@@ -181,8 +190,6 @@ void tlf_state_init(tlf_state *s, PyThreadState *ts, PyObject *context, int c_bu
 
 static inline void tlf_save(tlf_state *s, PyThreadState *ts)
 {
-    s->exc_info = ts->exc_info;
-    s->exc_state = ts->exc_state; /* moves the references */
 #if TLF_310
     s->frame = ts->frame;
     s->cframe = ts->cframe;
@@ -221,10 +228,6 @@ static inline void tlf_save(tlf_state *s, PyThreadState *ts)
 
 static inline void tlf_restore(tlf_state *s, PyThreadState *ts)
 {
-    ts->exc_state = s->exc_state;
-    memset(&s->exc_state, 0, sizeof(s->exc_state));
-    ts->exc_info = s->exc_info ? s->exc_info : &ts->exc_state;
-    s->exc_info = NULL;
 #if TLF_310
     ts->frame = s->frame;
     ts->cframe = s->cframe;
@@ -279,9 +282,24 @@ static inline void tlf_swap(PyThreadState *ts, tlf_state *out, tlf_state *in)
 /* Resumer side, before switching stacks to `fiber`: save the resumer's state
    into `resumer` (a block on the resumer's stack) and install the fiber's.
    The Context stays unless the fiber carries its own. No Python API call,
-   no reference count reaches zero. */
-void tlf_switch_in(PyThreadState *ts, tlf_state *resumer, tlf_state *fiber)
+   no reference count reaches zero.
+
+   The exception being handled: the fiber's slots are installed on top of
+   the resumer's, which stay in place. With `link_exc`, the fiber's bottom
+   slot points down to the resumer's innermost one for this run, as a
+   generator's slot points to its resumer's: code on the fiber sees the
+   exception its resumer is handling (sys.exc_info(), the __context__ of
+   what it raises) while it handles none itself (run_anywhere() called in
+   an `except` block). Without it the fiber's chain ends at its own slot
+   (plain fibers, like greenlets). Every slot below is alive for the run:
+   they belong to the resumer's frames, which are suspended in this very
+   resume, or to the thread state. The link is cut when the fiber switches
+   out, so a suspended fiber never points into a stack that moved on. */
+void tlf_switch_in(PyThreadState *ts, tlf_state *resumer, tlf_state *fiber, int link_exc)
 {
+    resumer->exc_info = ts->exc_info;
+    fiber->exc_state.previous_item = link_exc ? ts->exc_info : NULL;
+    ts->exc_info = fiber->exc_info != NULL ? fiber->exc_info : &fiber->exc_state;
     tlf_swap(ts, resumer, fiber);
     resumer->context = ts->context;
     if (fiber->context == NULL) {
@@ -303,6 +321,9 @@ void tlf_switch_out(PyThreadState *ts, tlf_state *fiber, tlf_state *resumer)
 {
     PyObject *mine = resumer->context;
     PyObject *cur = ts->context;
+    fiber->exc_info = ts->exc_info;
+    fiber->exc_state.previous_item = NULL;
+    ts->exc_info = resumer->exc_info;
     tlf_swap(ts, fiber, resumer);
     if (cur == mine) {
         fiber->context = NULL;

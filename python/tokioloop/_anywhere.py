@@ -273,6 +273,52 @@ except RuntimeError:  # module re-imported: the first registration stays
 # -- tasks ------------------------------------------------------------------
 
 
+def _suspended_fiber_of(task: asyncio.Task[Any]) -> Any:
+    """The run_anywhere() or await-anywhere coroutine whose fiber `task`
+    waits on (the first one down its chain of awaits), or None."""
+    obj: Any = task.get_coro()
+    for _ in range(10_000):  # a chain of awaits, not a cycle
+        if obj is None:
+            return None
+        if type(obj) is RunAnywhere:
+            return obj if obj.cr_suspended else None
+        if type(obj) is AnywhereCoroutine:
+            if obj.fiber_suspended:
+                return obj
+            obj = obj.__wrapped__
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return None
+
+
+def unwind_abandoned_fibers(loop: asyncio.AbstractEventLoop) -> None:
+    """For a loop being closed: unwind (GeneratorExit) the fibers its pending
+    tasks wait on. A task abandoned on a closed loop is freed by the cyclic
+    GC, which closes its coroutine (asyncio prints "Task was destroyed but
+    it is pending!"); one whose synchronous code waits in await_() cannot
+    be: the references its suspended fiber's C frames hold are invisible to
+    the GC, so the task, what it refers to and the fiber's stack would stay
+    for the life of the process. Unwinding the fiber here, as closing its
+    coroutine would, releases them; the rest then goes as a plain abandoned
+    task does."""
+    try:
+        tasks = asyncio.all_tasks(loop)
+    except Exception:  # a closing loop must not fail on this
+        return
+    for task in tasks:
+        try:
+            obj = _suspended_fiber_of(task)
+            if obj is not None:
+                obj.close()
+        except Exception as exc:  # reported, as the GC would report it
+            loop.call_exception_handler(
+                {
+                    "message": "closing the loop: unwinding the fiber of a pending task failed",
+                    "exception": exc,
+                    "task": task,
+                }
+            )
+
+
 def anywhere_task(
     loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], **kwargs: Any
 ) -> asyncio.Task[T]:

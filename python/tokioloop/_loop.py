@@ -27,7 +27,7 @@ from asyncio import events as _events
 from collections.abc import Callable
 from typing import Any
 
-from ._anywhere import wrap_for_executor
+from ._anywhere import unwind_abandoned_fibers, wrap_for_executor
 from ._network import NetworkMixin
 from ._tokioloop import Handle, LoopCore
 
@@ -163,6 +163,7 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
                 for sig in list(self._signal_handlers):
                     self.remove_signal_handler(sig)
         self._close_native()
+        unwind_abandoned_fibers(self)
         self._close_network()
         self._close_self_pipe()
         self._executor_shutdown_called = True

@@ -640,7 +640,14 @@ impl Drop for RunAnywhere {
         let inner = self.inner.get_mut();
         let status = inner.fiber.as_ref().map(|f| f.status);
         match status {
-            Some(Status::Suspended) | Some(Status::Running) => {
+            Some(Status::Running) => {
+                // Unreachable in practice: whoever resumed the fiber holds a
+                // reference to this object until the resume returns. Were it
+                // to happen, the fiber's box and stack are in use by the code
+                // running on them: keep both forever rather than free them.
+                std::mem::forget(inner.fiber.take());
+            }
+            Some(Status::Suspended) => {
                 let saved = PyErr::take(py);
                 self.finalize(py);
                 if let Some(e) = saved {
@@ -1015,6 +1022,14 @@ impl AnywhereCoroutine {
 
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         self.close_impl(py)
+    }
+
+    /// Whether a step of the coroutine is suspended on a fiber (its
+    /// synchronous code waits in `await_`).
+    #[getter]
+    fn fiber_suspended(&self) -> bool {
+        // SAFETY: GIL held (pymethod).
+        unsafe { (*self.inner()).runner.is_some() }
     }
 
     /// The wrapped coroutine.

@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use corosensei::{Coroutine, CoroutineResult, Yielder};
-use pyo3::exceptions::{PyGeneratorExit, PyMemoryError, PyRuntimeError, PyStopIteration};
+use pyo3::exceptions::{
+    PyGeneratorExit, PyMemoryError, PyRuntimeError, PyStopIteration, PyValueError,
+};
 use pyo3::ffi;
 use pyo3::panic::PanicException;
 use pyo3::prelude::*;
@@ -403,7 +405,10 @@ pub(crate) unsafe fn resume(py: Python<'_>, fp: *mut Fiber, msg: In) -> PyResult
     (*fp).status = Status::Running;
     debug_assert!(ffi::PyErr_Occurred().is_null());
     // ---- switch window: no Python API calls until tlf_switch_out ----
-    shim::tlf_switch_in(ts, saved.as_raw(), (*fp).state.raw());
+    // Await fibers are awaited like coroutines and see the exception their
+    // resumer handles, as a coroutine does; plain ones are greenlet-like.
+    let link_exc = std::os::raw::c_int::from((*fp).kind == Kind::Await);
+    shim::tlf_switch_in(ts, saved.as_raw(), (*fp).state.raw(), link_exc);
     let r = catch_unwind(AssertUnwindSafe(|| co.resume(msg)));
     shim::tlf_switch_out(ts, (*fp).state.raw(), saved.as_raw());
     // ---- end of switch window ----
@@ -684,7 +689,6 @@ pub(crate) enum LeakReason {
     WrongThread,
     Finalizing,
     Ignored,
-    Running,
 }
 
 static SHUTDOWN_REPORTED: AtomicBool = AtomicBool::new(false);
@@ -720,9 +724,6 @@ pub(crate) unsafe fn leak(py: Python<'_>, fp: *mut Fiber, what: &str, reason: Le
             "tokioloop: {what} kept suspending after GeneratorExit was thrown into it; it was \
              leaked and its remaining finally blocks did not run"
         ),
-        LeakReason::Running => {
-            format!("tokioloop: {what} was dropped while running; it was leaked")
-        }
         LeakReason::Finalizing => {
             if !SHUTDOWN_REPORTED.swap(true, Ordering::Relaxed) {
                 eprintln!(
@@ -759,7 +760,8 @@ pub(crate) fn finalizing() -> bool {
 /// GeneratorExit at its suspension point, repeatedly if the code there
 /// suspends again (bounded), and leaks it when that is impossible. Returns
 /// an exception other than GeneratorExit that the unwinding raised, for the
-/// caller to report or raise.
+/// caller to report or raise, or the ValueError refusing to close a fiber
+/// that is running (its own code asked).
 ///
 /// # Safety
 /// GIL held; `fp` live.
@@ -771,9 +773,13 @@ pub(crate) unsafe fn kill(py: Python<'_>, fp: *mut Fiber, what: &str) -> Option<
             return None;
         }
         Status::Done | Status::Leaked => return None,
+        // Only its own code can ask for that (close() from inside the
+        // fiber): refused, as a generator's close() from inside itself. The
+        // coroutine is executing on this very stack, so neither unwinding
+        // nor leaking it (a reset of a running corosensei coroutine) is
+        // possible; its owner keeps it and it finishes normally.
         Status::Running => {
-            leak(py, fp, what, LeakReason::Running);
-            return None;
+            return Some(PyValueError::new_err(format!("{what} already executing")));
         }
         Status::Suspended => {}
     }

@@ -134,7 +134,9 @@ impl Drop for PyFiber {
         let fp = self.fp();
         // SAFETY: pyo3 drops pyclass contents in tp_dealloc with the GIL.
         unsafe {
-            if matches!((*fp).status, Status::Suspended | Status::Running) {
+            // Never Running here: whoever resumed it holds a reference to
+            // this object until the resume returns.
+            if (*fp).status == Status::Suspended {
                 let py = Python::assume_attached();
                 let saved = PyErr::take(py);
                 if let Some(e) = core::kill(py, fp, "a suspended Fiber") {

@@ -34,6 +34,7 @@ extern "C" {
         ts: *mut ffi::PyThreadState,
         resumer: *mut RawState,
         fiber: *mut RawState,
+        link_exc: c_int,
     );
     pub(crate) fn tlf_switch_out(
         ts: *mut ffi::PyThreadState,

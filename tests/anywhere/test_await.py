@@ -280,6 +280,48 @@ def test_sys_exc_info_is_per_fiber(run: Run) -> None:
     assert isinstance(seen["task"], ValueError)
 
 
+def test_run_anywhere_sees_the_exception_its_awaiter_handles(run: Run) -> None:
+    """Like a coroutine awaited in an `except` block: the sync code sees the
+    awaiter's exception in sys.exc_info() and as the __context__ of what it
+    raises, also after a suspension; not once the awaiter left the block."""
+
+    def sync(tag: str) -> tuple[Any, Any, Any]:
+        before = sys.exc_info()[1]
+        await_(asyncio.sleep(0.001))
+        after = sys.exc_info()[1]
+        try:
+            raise ValueError(tag)
+        except ValueError as e:
+            ctx = e.__context__
+        return before, after, ctx
+
+    def fails() -> None:
+        await_(asyncio.sleep(0))
+        raise ValueError("from the fiber")
+
+    async def main() -> None:
+        try:
+            raise KeyError("outer")
+        except KeyError as k:
+            assert await run_anywhere(sync, "in except") == (k, k, k)
+            assert sys.exc_info()[1] is k
+            with pytest.raises(ValueError) as info:
+                await run_anywhere(fails)
+            assert info.value.__context__ is k
+        assert await run_anywhere(sync, "after") == (None, None, None)
+
+        def on_fiber() -> None:
+            try:
+                raise KeyError("on the fiber")
+            except KeyError as k2:
+                assert await_(run_anywhere(sync, "nested")) == (k2, k2, k2)
+            assert await_(run_anywhere(sync, "nested after")) == (None, None, None)
+
+        await run_anywhere(on_fiber)
+
+    run(main())
+
+
 def test_recursion_depth_is_per_fiber(run: Run) -> None:
     def sync() -> int:
         d = T._fiber_py_depth()
@@ -595,6 +637,37 @@ def test_close_closes_the_awaited_coroutine_first(run: Run) -> None:
 
     run(main())
     assert log == ["inner finally", "sync finally"]
+
+
+def test_close_send_throw_from_inside_the_running_fiber_are_refused(run: Run) -> None:
+    """As a generator's own code calling its close(): ValueError, and the
+    fiber runs on. close() used to "leak" the running fiber, resetting its
+    coroutine and freeing it under the code running on it (heap corruption,
+    SIGABRT or SIGSEGV a few runs later)."""
+    holder: dict[str, Any] = {}
+    errors: list[str] = []
+
+    def sync(n: int) -> int:
+        me = holder["c"]
+        for call in (me.close, lambda: me.send(None), lambda: me.throw(KeyError)):
+            try:
+                call()
+            except ValueError as e:
+                errors.append(str(e))
+        assert me.cr_running is True
+        return await_(value_later(n))
+
+    async def main() -> list[int]:
+        out = []
+        for i in range(30):
+            holder["c"] = c = run_anywhere(sync, i)
+            out.append(await c)
+            del c, holder["c"]
+            gc.collect()
+        return out
+
+    assert run(main()) == list(range(30))
+    assert len(errors) == 90 and all("already executing" in e for e in errors), errors[:3]
 
 
 def test_pending_task_in_sync_code_is_unwound_when_the_run_ends(loop_factory: Any) -> None:

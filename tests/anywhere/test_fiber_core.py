@@ -683,6 +683,26 @@ def test_generator_running_in_suspended_fiber_is_busy() -> None:
     assert fb.switch(5) == 5
 
 
+def test_kill_from_inside_the_running_fiber_is_refused() -> None:
+    """As a generator's close() from its own code: ValueError, and the fiber
+    runs on (it used to be "leaked" while running: its coroutine reset under
+    the code running on it, heap corruption a few runs later)."""
+    box: list[Any] = []
+
+    def body() -> str:
+        me = box[0]
+        with pytest.raises(ValueError, match="already executing"):
+            me.kill()
+        assert me.status == "running"
+        return "finished"
+
+    for _ in range(30):
+        box.append(Fiber(body))
+        assert box[0].switch() == "finished" and box[0].status == "done"
+        box.clear()
+        gc.collect()
+
+
 def test_thread_locks_are_per_thread_not_per_fiber() -> None:
     """Documented: Lock/RLock belong to the OS thread."""
     rl = threading.RLock()

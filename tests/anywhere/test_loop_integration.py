@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -92,6 +94,69 @@ def test_anywhere_task_cancellation() -> None:
 
     tokioloop.run(main(), anywhere_tasks=True)
     assert cleaned == [True]
+
+
+def test_close_unwinds_fibers_of_abandoned_pending_tasks() -> None:
+    """A loop closed with tasks still pending (no asyncio.run() to cancel
+    them): a task whose sync code waits in await_() is kept alive by
+    references on its fiber's stack that the GC cannot see. close() unwinds
+    those fibers (GeneratorExit, finally blocks), so the tasks and what they
+    hold are freed as plain abandoned tasks are."""
+
+    class Held:
+        pass
+
+    log: list[str] = []
+
+    def sync_wait(fut: asyncio.Future[None], held: Held, tag: str) -> None:
+        try:
+            tokioloop.await_(fut)
+        except GeneratorExit:
+            log.append(f"{tag}: GeneratorExit")
+            raise
+        finally:
+            log.append(f"{tag}: finally")
+
+    async def awaits_run_anywhere(fut: asyncio.Future[None], held: Held) -> None:
+        await tokioloop.run_anywhere(sync_wait, fut, held, "run_anywhere")
+
+    async def anywhere_step(fut: asyncio.Future[None], held: Held) -> None:
+        sync_wait(fut, held, "anywhere task")
+
+    async def nested(fut: asyncio.Future[None], held: Held) -> None:
+        # await_ of a run_anywhere() inside a run_anywhere()
+        await tokioloop.run_anywhere(
+            lambda: tokioloop.await_(tokioloop.run_anywhere(sync_wait, fut, held, "nested"))
+        )
+
+    refs: list[weakref.ref[Held]] = []
+    leaked_before = tokioloop._tokioloop.fiber_info()["leaked_fibers"]
+    for _ in range(3):
+        loop = tokioloop.new_event_loop()
+        loop.set_exception_handler(lambda _l, ctx: log.append(ctx["message"]))
+
+        async def main(loop: asyncio.AbstractEventLoop = loop) -> None:
+            for make in (awaits_run_anywhere, nested):
+                held = Held()
+                refs.append(weakref.ref(held))
+                loop.create_task(make(loop.create_future(), held))
+            held = Held()
+            refs.append(weakref.ref(held))
+            tokioloop.anywhere_task(loop, anywhere_step(loop.create_future(), held))
+            await asyncio.sleep(0.01)
+
+        loop.run_until_complete(main())
+        loop.close()
+        del loop, main
+        gc.collect()
+    expected = [
+        f"{tag}: {what}"
+        for tag in ("run_anywhere", "nested", "anywhere task")
+        for what in ("GeneratorExit", "finally")
+    ]
+    assert sorted(set(log)) == sorted([*expected, "Task was destroyed but it is pending!"])
+    assert [r() for r in refs] == [None] * 9
+    assert tokioloop._tokioloop.fiber_info()["leaked_fibers"] == leaked_before
 
 
 def test_worker_thread_submits_to_owning_loop() -> None:
