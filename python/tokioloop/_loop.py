@@ -134,8 +134,11 @@ class Loop(LoopCore, NetworkMixin, asyncio.AbstractEventLoop):  # type: ignore[m
 
     def run_forever(self) -> None:
         """Run until stop() is called."""
+        # Set up outside the try, as asyncio: a refused run (the loop is
+        # already running, or closed) must not tear down the running one's
+        # state (the thread's running loop, its wake-up fd, hooks).
+        self._run_forever_setup()
         try:
-            self._run_forever_setup()
             self._run_forever_native()
         finally:
             self._run_forever_cleanup()

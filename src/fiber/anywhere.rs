@@ -465,6 +465,17 @@ impl RunAnywhere {
                     (*inner).fiber = None;
                     match ret {
                         Ret::Value(v) => Outcome::Returned(v),
+                        // PEP 479, as for a coroutine: a StopIteration out
+                        // of the function would read as this awaitable's
+                        // return (`await` would give its value).
+                        Ret::Error(e) if e.is_instance_of::<PyStopIteration>(py) => {
+                            let err = PyRuntimeError::new_err(format!(
+                                "{} raised StopIteration",
+                                self.name(py)
+                            ));
+                            err.set_cause(py, Some(e));
+                            Outcome::Raised(err)
+                        }
                         Ret::Error(e) => Outcome::Raised(e),
                         Ret::Quit => Outcome::Returned(py.None()),
                     }
@@ -748,15 +759,20 @@ struct AcInner {
 
 /// Whether a call that may run another task's first step at once (an eager
 /// task factory) must move to the thread's own C stack (`on_thread_stack`):
-/// the caller is on a fiber and greenlets may be about (greenlet imported,
-/// the caller in the thread's main greenlet). That step, and a greenlet it
-/// starts (SQLAlchemy's `greenlet_spawn`), must run on the stack the task's
-/// later steps run on, the loop's, or switching back into that greenlet
-/// later would copy its saved stack over this fiber's. (Inside a child
-/// greenlet, moving to another stack would break greenlet's picture of
-/// that greenlet's stack instead, so the call stays.)
+/// the caller is on a fiber (not inside a child greenlet). That step belongs
+/// to the new task, not to the fiber's: an `await_` in it must not suspend
+/// the creating fiber (that would leave asyncio's "current task" pointing at
+/// the new task while the creating one goes on: "Leaving task ... does not
+/// match the current task", a wedged loop), so it runs with no fiber current
+/// and `await_` raises there, as in the task's later steps on the loop's
+/// stack. And a greenlet it starts (SQLAlchemy's `greenlet_spawn`) must
+/// start on the stack the task's later steps run on, the loop's, or
+/// switching back into that greenlet later would copy its saved stack over
+/// this fiber's. (Inside a child greenlet, moving to another stack would
+/// break greenlet's picture of that greenlet's stack instead, so the call
+/// stays.)
 pub(crate) fn needs_thread_stack(py: Python<'_>) -> bool {
-    !core::current().is_null() && greenlet_loaded(py) && !in_child_greenlet(py)
+    !core::current().is_null() && !in_child_greenlet(py)
 }
 
 /// Whether the greenlet module has been imported (once it has, it stays

@@ -56,6 +56,9 @@ const BYTES_PER_LEVEL: usize = 4 << 10;
 /// C stack kept free below the deepest budgeted level: our own frames, a
 /// signal handler, and the overshoot of the last level.
 const RESERVE: usize = 128 << 10;
+/// Smallest fiber stack on 3.10/3.11: CPython's default recursion limit
+/// (1000) of levels plus the reserve.
+const PY310_MIN_STACK: usize = 1000 * BYTES_PER_LEVEL + RESERVE;
 
 fn stack_size_from_env() -> usize {
     std::env::var("TOKIOLOOP_FIBER_STACK_KB")
@@ -86,7 +89,15 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         )
     };
     let minor = (version >> 16) & 0xff;
-    let stack_size = stack_size_from_env();
+    let mut stack_size = stack_size_from_env();
+    if minor < 12 {
+        // 3.10/3.11 have no C recursion budget to scale to a small stack:
+        // only the recursion limit (a fiber starts at depth 0) bounds the
+        // C stack a fiber uses, so a stack must hold the default limit's
+        // worth of levels, or deep recursion through C frames would
+        // overflow it (SIGSEGV) instead of raising RecursionError.
+        stack_size = stack_size.max(PY310_MIN_STACK);
+    }
     let chunk_pages = if minor >= 11 { CHUNK_PAGES } else { 0 };
     let c_budget = if minor >= 12 {
         let fit = (stack_size.saturating_sub(RESERVE) / BYTES_PER_LEVEL) as i32;

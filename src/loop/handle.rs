@@ -488,10 +488,12 @@ impl HandleRef {
                 let res = match (nargs, &arg) {
                     (1, Some(a)) => {
                         let argv = [a.as_ptr()];
-                        ffi::PyObject_Vectorcall(func.as_ptr(), argv.as_ptr(), 1, ptr::null_mut())
+                        super::exit_safe::vectorcall(func.as_ptr(), argv.as_ptr(), 1)
                     }
-                    (2, Some(t)) => ffi::PyObject_Call(func.as_ptr(), t.as_ptr(), ptr::null_mut()),
-                    _ => ffi::PyObject_Vectorcall(func.as_ptr(), ptr::null(), 0, ptr::null_mut()),
+                    (2, Some(t)) => {
+                        super::exit_safe::call(func.as_ptr(), t.as_ptr(), ptr::null_mut())
+                    }
+                    _ => super::exit_safe::vectorcall(func.as_ptr(), ptr::null(), 0),
                 };
                 let err = if res.is_null() {
                     Some(PyErr::fetch(py))

@@ -5,6 +5,7 @@ pub(crate) mod cell;
 mod clock;
 pub(crate) mod core;
 mod dns;
+pub(crate) mod exit_safe;
 mod fastcall;
 pub(crate) mod handle;
 pub(crate) mod io;

@@ -108,6 +108,27 @@ def test_exception_raised_by_sync_code_propagates(run: Run) -> None:
         run(main())
 
 
+@pytest.mark.parametrize("suspend_first", [False, True])
+def test_stop_iteration_out_of_sync_code_becomes_runtime_error(
+    run: Run, suspend_first: bool
+) -> None:
+    """PEP 479, as for a coroutine: a StopIteration escaping the function
+    must not read as the awaitable's return (`await` gave its value)."""
+
+    def sync() -> None:
+        if suspend_first:
+            await_(asyncio.sleep(0))
+        raise StopIteration(42)
+
+    async def main() -> Any:
+        return await run_anywhere(sync)
+
+    with pytest.raises(RuntimeError, match="raised StopIteration") as info:
+        run(main())
+    assert isinstance(info.value.__cause__, StopIteration)
+    assert info.value.__cause__.value == 42
+
+
 def _under_c(kind: str) -> Any:
     """await_ through one kind of C frame; returns what the C code built."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import sys
 import threading
 import weakref
 
@@ -157,6 +158,41 @@ def test_close_unwinds_fibers_of_abandoned_pending_tasks() -> None:
     assert sorted(set(log)) == sorted([*expected, "Task was destroyed but it is pending!"])
     assert [r() for r in refs] == [None] * 9
     assert tokioloop._tokioloop.fiber_info()["leaked_fibers"] == leaked_before
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are 3.12+")
+def test_await_in_the_eager_first_step_of_a_task_created_on_a_fiber_raises() -> None:
+    """The eager first step belongs to the new task: an await_ there must not
+    suspend the creating fiber (asyncio's current task would stay the new
+    one: "Leaving task ... does not match the current task" and a wedged
+    loop). It raises as on the loop's stack; the creator goes on."""
+
+    async def child() -> str:
+        tokioloop.await_(asyncio.sleep(0))
+        return "unreachable"
+
+    async def fine() -> str:
+        await asyncio.sleep(0)
+        return "fine"
+
+    def on_fiber() -> tuple[str, str]:
+        loop = asyncio.get_running_loop()
+        t = loop.create_task(child())
+        assert t.done()  # the eager step ran, and raised
+        with pytest.raises(RuntimeError, match="run_anywhere"):
+            t.result()
+        ok = loop.create_task(fine())
+        assert asyncio.current_task() is creator
+        return tokioloop.await_(ok), tokioloop.await_(asyncio.sleep(0, "after"))
+
+    async def main() -> tuple[str, str]:
+        nonlocal creator
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        creator = asyncio.current_task()
+        return await asyncio.wait_for(tokioloop.run_anywhere(on_fiber), 5)
+
+    creator: asyncio.Task[object] | None = None
+    assert tokioloop.run(main()) == ("fine", "after")
 
 
 def test_worker_thread_submits_to_owning_loop() -> None:

@@ -411,6 +411,27 @@ def test_run_forever_twice_refused(loop: tokioloop.Loop) -> None:
     assert errors and "already running" in str(errors[0])
 
 
+@pytest.mark.parametrize("call", ["run_forever", "run_until_complete"])
+def test_refused_nested_run_leaves_the_running_loop_intact(loop: tokioloop.Loop, call: str) -> None:
+    """The refused nested run must not tear down the running one's state:
+    it used to clear the thread's running loop (asyncio.sleep() and
+    create_task() then failed with "no running event loop")."""
+
+    async def main() -> str:
+        coro = asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="already running"):
+            if call == "run_forever":
+                loop.run_forever()
+            else:
+                loop.run_until_complete(coro)
+        coro.close()
+        assert asyncio.get_running_loop() is loop and loop.is_running()
+        await asyncio.sleep(0.001)
+        return await asyncio.create_task(asyncio.sleep(0, "ok"))
+
+    assert loop.run_until_complete(main()) == "ok"
+
+
 def test_other_running_loop_refused(loop: tokioloop.Loop) -> None:
     other = tokioloop.new_event_loop()
     errors: list[BaseException] = []

@@ -357,3 +357,40 @@ def test_a_thread_waiting_for_the_gil_gets_it_between_iterations() -> None:
         loop.call_soon_threadsafe(loop.stop)
         t.join(10)
         loop.close()
+
+
+_BUSY_DAEMON_LOOPS = """
+import asyncio, threading, time
+import tokioloop
+
+def thread():
+    loop = tokioloop.new_event_loop()
+    async def forever():
+        while True:
+            await asyncio.sleep(0)
+            sum(range(2000))
+    loop.run_until_complete(forever())
+
+for i in range(4):
+    threading.Thread(target=thread, daemon=True).start()
+time.sleep(0.2)
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="3.14 parks such threads itself")
+def test_interpreter_exit_with_busy_daemon_loop_threads() -> None:
+    """3.10-3.13 end a daemon thread that wants the GIL during finalization
+    with pthread_exit(), a forced unwind; through the loop's Rust frames it
+    aborted the process (SIGABRT in ~1 exit of 5). Callbacks are called so
+    that the thread is parked instead, as 3.14 does."""
+    import subprocess
+
+    for _ in range(12):
+        proc = subprocess.run(
+            [sys.executable, "-c", _BUSY_DAEMON_LOOPS],
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, (proc.returncode, proc.stderr.decode()[-2000:])
+        assert proc.stdout.decode().strip() == "exiting"
