@@ -256,6 +256,16 @@ impl LoopCore {
         drop(old);
     }
 
+    /// Replace what is registered under `token`, if anything is (a closed
+    /// transport stays unregistered).
+    pub(crate) fn replace_source(&self, py: Python<'_>, token: u64, source: Source) {
+        let old = self.sources.with(py, |m| match m.get_mut(&token) {
+            Some(slot) => Some(std::mem::replace(slot, source)),
+            None => Some(source),
+        });
+        drop(old);
+    }
+
     pub(crate) fn unregister_source(&self, py: Python<'_>, token: u64) {
         let old = self.sources.with(py, |m| m.remove(&token));
         drop(old);
@@ -863,8 +873,8 @@ impl LoopCore {
         if !tokens.is_empty() {
             self.sources.with(py, |m| {
                 for (token, kind) in tokens.drain(..) {
-                    if let Some(src) = m.get(&token) {
-                        woken.push(Job::Source(src.clone_ref(py), kind));
+                    if let Some(src) = m.get(&token).and_then(|s| s.live(py)) {
+                        woken.push(Job::Source(src, kind));
                     }
                 }
             });

@@ -5,6 +5,7 @@
 
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
+use pyo3::types::PyWeakrefReference;
 use pyo3::PyTraverseError;
 
 pub(crate) mod datagram;
@@ -18,24 +19,38 @@ pub(crate) const WRITE: u8 = 1;
 /// Something registered with the loop's reactor, woken by token.
 pub(crate) enum Source {
     Stream(Py<stream::StreamCore>),
+    /// A stream transport the loop does not keep alive: reading paused and
+    /// nothing to write, so the loop waits for nothing from it, and asyncio's
+    /// selector would hold no reference to it either. Once nothing else refers
+    /// to it, the GC frees it (its finalizer warns and closes the socket).
+    WeakStream(Py<PyWeakrefReference>),
 }
 
 impl Source {
-    pub(crate) fn clone_ref(&self, py: Python<'_>) -> Source {
+    /// A strong reference to what is registered, if it is still alive.
+    pub(crate) fn live(&self, py: Python<'_>) -> Option<Source> {
         match self {
-            Source::Stream(s) => Source::Stream(s.clone_ref(py)),
+            Source::Stream(s) => Some(Source::Stream(s.clone_ref(py))),
+            Source::WeakStream(w) => w
+                .bind(py)
+                .upgrade_as::<stream::StreamCore>()
+                .ok()
+                .flatten()
+                .map(|s| Source::Stream(s.unbind())),
         }
     }
 
     pub(crate) fn on_ready(self, py: Python<'_>, kind: u8) -> PyResult<()> {
         match self {
             Source::Stream(s) => stream::StreamCore::on_ready(s.bind(py), kind),
+            Source::WeakStream(_) => Ok(()),
         }
     }
 
     pub(crate) fn visit(&self, visit: &PyVisit<'_>) -> Result<(), PyTraverseError> {
         match self {
             Source::Stream(s) => visit.call(s),
+            Source::WeakStream(_) => Ok(()),
         }
     }
 }

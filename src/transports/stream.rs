@@ -124,9 +124,16 @@ struct State {
     /// The last read was large (DIRECT_READ_MIN or more): read straight
     /// into a new bytes object instead of copying out of the shared buffer.
     big_reads: bool,
+    /// The loop holds this transport weakly (see `hold`).
+    held_weakly: bool,
 }
 
-#[pyclass(frozen, module = "tokioloop._tokioloop", name = "StreamTransportCore")]
+#[pyclass(
+    frozen,
+    weakref,
+    module = "tokioloop._tokioloop",
+    name = "StreamTransportCore"
+)]
 pub struct StreamCore {
     lp: Py<LoopCore>,
     token: u64,
@@ -181,6 +188,10 @@ impl StreamCore {
     fn arm(slf: &Bound<'_, Self>, kind: u8) {
         let py = slf.py();
         let this = slf.get();
+        if kind == WRITE {
+            // A write backlog: the loop keeps the transport until it drained.
+            Self::hold(slf);
+        }
         let ready = this.st.with(py, |s| {
             let Some(reg) = s.reg.as_ref() else {
                 return false;
@@ -200,10 +211,49 @@ impl StreamCore {
         }
     }
 
+    /// Whether the loop keeps this transport alive: as asyncio's selector
+    /// does, only while it waits for something from it, reading or a write
+    /// backlog. Reading paused or done (the peer's EOF, kept half-open) with
+    /// nothing to write (an idle keep-alive connection an HTTP client paused
+    /// and then dropped; a server connection whose peer left), the loop holds
+    /// it weakly, so the GC can free it once nothing else refers to it,
+    /// instead of keeping it and its socket until the loop closes.
+    fn hold(slf: &Bound<'_, Self>) {
+        let py = slf.py();
+        let this = slf.get();
+        let change = this.st.with(py, |s| {
+            let weak = (s.paused || s.read_eof)
+                && !s.closing
+                && s.buf.is_empty()
+                && s.empty_waiter.is_none()
+                && s.reg.is_some();
+            if weak == s.held_weakly {
+                return None;
+            }
+            s.held_weakly = weak;
+            Some(weak)
+        });
+        let source = match change {
+            None => return,
+            Some(false) => Source::Stream(slf.clone().unbind()),
+            Some(true) => match pyo3::types::PyWeakrefReference::new(slf) {
+                Ok(w) => Source::WeakStream(w.unbind()),
+                Err(_) => {
+                    this.st.with(py, |s| s.held_weakly = false);
+                    return;
+                }
+            },
+        };
+        this.lp(py).get().replace_source(py, this.token, source);
+    }
+
     /// Clear Tokio's readiness (after EAGAIN or a short read/write) and
     /// re-arm the waker.
     fn clear_and_arm(slf: &Bound<'_, Self>, kind: u8) {
         let py = slf.py();
+        if kind == WRITE {
+            Self::hold(slf);
+        }
         slf.get().st.with(py, |s| {
             if let Some(reg) = s.reg.as_ref() {
                 let waker = if kind == READ {
@@ -681,6 +731,7 @@ impl StreamCore {
         if keep_open && this.kind == Kind::Socket {
             // Keep the connection open for writing; stop reading.
             this.st.with(py, |s| s.read_eof = true);
+            Self::hold(slf);
             Ok(())
         } else {
             Self::do_close(slf)
@@ -752,6 +803,7 @@ impl StreamCore {
     fn after_drain(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
         let this = slf.get();
+        Self::hold(slf);
         let (closing, eof, waiter) = this.st.with(py, |s| {
             (
                 s.closing,
@@ -1188,6 +1240,7 @@ impl StreamCore {
                 started: false,
                 in_context: false,
                 big_reads: false,
+                held_weakly: false,
             }),
         })
     }
@@ -1356,12 +1409,13 @@ impl StreamCore {
         self.st.with(py, |s| !s.paused && !s.closing)
     }
 
-    fn pause_reading(&self, py: Python<'_>) {
-        self.st.with(py, |s| {
+    fn pause_reading(slf: &Bound<'_, Self>) {
+        slf.get().st.with(slf.py(), |s| {
             if !s.closing {
                 s.paused = true;
             }
         });
+        Self::hold(slf);
     }
 
     fn resume_reading(slf: &Bound<'_, Self>) -> PyResult<()> {
@@ -1375,6 +1429,7 @@ impl StreamCore {
             true
         });
         if resume {
+            Self::hold(slf);
             // As asyncio's (which adds its reader again): refused on a
             // closed loop.
             slf.get().lp(py).get().check_closed()?;

@@ -158,3 +158,75 @@ def test_endpoint_made_on_a_closed_loop_frees_its_socket() -> None:
         assert ref() is None, factory
         assert len(os.listdir("/proc/self/fd")) == before, factory
         runner.close()
+
+
+async def _drop_idle_transports(n: int) -> tuple[int, int, list[str]]:
+    """n client connections dropped after pause_reading(), n more whose
+    server side saw the peer's EOF and kept the connection half-open; how
+    many transports stay alive, how many fds stay open."""
+    loop = asyncio.get_running_loop()
+    server_side: list[weakref.ref[Any]] = []
+
+    class KeepOpen(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            server_side.append(weakref.ref(transport))
+
+        def eof_received(self) -> bool:
+            return True  # half-open: no more reading, nothing to write
+
+    srv = await loop.create_server(KeepOpen, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    gc.collect()
+    fds = len(os.listdir("/proc/self/fd"))
+    clients: list[weakref.ref[Any]] = []
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(n):
+            tr, _pr = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+            tr.pause_reading()
+            clients.append(weakref.ref(tr))
+            del tr, _pr
+        for _ in range(20):
+            gc.collect()
+            await asyncio.sleep(0.01)
+            if not any(r() for r in clients + server_side):
+                break
+        caught = sorted({str(x.message).split(" ")[1] for x in w if x.category is ResourceWarning})
+    alive = sum(r() is not None for r in clients + server_side)
+    left = len(os.listdir("/proc/self/fd")) - fds
+    srv.close()  # (not wait_closed(): asyncio's would wait for the freed ones)
+    return alive, left, caught
+
+
+@pytest.mark.parametrize("which", ["asyncio", "tokioloop"])
+def test_idle_transports_nothing_refers_to_are_freed(which: str) -> None:
+    """As asyncio's selector, the loop keeps a transport alive only while it
+    waits for something from it (reading, or a write backlog). A transport
+    paused (an HTTP client's idle keep-alive connection, dropped with its
+    client) or done reading (the peer's EOF, kept half-open) is freed with
+    a ResourceWarning once nothing refers to it, and its socket closed; the
+    loop used to keep them, and their fds, until it closed."""
+    factory = asyncio.new_event_loop if which == "asyncio" else tokioloop.new_event_loop
+    with (
+        asyncio.Runner(loop_factory=factory)
+        if sys.version_info >= (3, 11)
+        else _Runner10(factory) as r
+    ):
+        alive, left, caught = r.run(_drop_idle_transports(50))
+    assert (alive, left) == (0, 0)
+    assert "transport" in caught  # "unclosed transport", as asyncio warns
+
+
+class _Runner10:
+    def __init__(self, factory: Any) -> None:
+        self.loop = factory()
+
+    def __enter__(self) -> _Runner10:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.close()
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
