@@ -41,7 +41,6 @@ use pyo3::types::{PyDict, PyTuple};
 
 use super::shim::{self, ResumerState, StateBlock};
 use super::stack::{self, FiberStack};
-use crate::event_loop::exit_safe;
 
 /// Message into a fiber.
 pub(crate) enum In {
@@ -584,13 +583,7 @@ fn fiber_main(addr: usize, y: &Yielder<In, Out>, first: In, body: Body) -> Ret {
                     None => PyTuple::empty(py),
                 };
                 let kwargs = kwargs.map(|k| k.into_bound(py));
-                let kw = kwargs.as_ref().map_or(std::ptr::null_mut(), |k| k.as_ptr());
-                // SAFETY: GIL held; live callable, tuple and dict (or null).
-                // Through exit_safe: a daemon thread ended at interpreter
-                // exit while on this fiber parks instead of aborting.
-                let r = unsafe { exit_safe::call(f.as_ptr(), args.as_ptr(), kw) };
-                // SAFETY: a new reference, or null with an exception set.
-                match unsafe { Bound::from_owned_ptr_or_err(py, r) } {
+                match f.call(args, kwargs.as_ref()) {
                     Ok(v) => Ret::Value(v.unbind()),
                     Err(e) => Ret::Error(e),
                 }
@@ -644,7 +637,7 @@ pub(crate) unsafe fn iter_send(
     v: *mut ffi::PyObject,
 ) -> Outcome {
     let mut res: *mut ffi::PyObject = std::ptr::null_mut();
-    match exit_safe::iter_send(it, v, &mut res) {
+    match ffi::PyIter_Send(it, v, &mut res) {
         ffi::PySendResult::PYGEN_RETURN => {
             Outcome::Returned(Bound::from_owned_ptr(py, res).unbind())
         }

@@ -1,4 +1,4 @@
-//! Calls into Python that survive CPython ending a daemon thread at
+//! Calls of loop callbacks that survive CPython ending a daemon thread at
 //! interpreter exit.
 //!
 //! Python 3.10-3.13 end a thread that wants the GIL back during
@@ -6,12 +6,13 @@
 //! a callback's Python code) with `pthread_exit()`, a forced unwind. Out of a
 //! function declared `extern "C"` that unwind is undefined behaviour, and
 //! the first Rust frame with cleanups or a catch on its way aborts the
-//! process (pyo3's trampolines, a fiber's entry: "FATAL: exception not
-//! rethrown", SIGABRT). Declared "C-unwind" and guarded the way pyo3 guards
-//! its own GIL re-acquisition, the unwind stops in the guard's destructor,
-//! which parks the thread for good: what Python 3.14 does with such
-//! threads. Task steps and other callbacks (handle.rs) and the code of
-//! fibers (fiber/core.rs) are called through here.
+//! process (pyo3's trampolines: "FATAL: exception not rethrown", SIGABRT).
+//! Declared "C-unwind" and guarded the way pyo3 guards its own GIL
+//! re-acquisition, the unwind stops in the guard's destructor, which parks
+//! the thread for good: what Python 3.14 does with such threads. Task steps
+//! and other handle callbacks (handle.rs) are called through here. (Code
+//! running on a fiber is not covered: gdb shows the unwind failing from the
+//! fiber's stack before it reaches any guard.)
 
 use std::ptr;
 
@@ -20,22 +21,15 @@ use pyo3::ffi;
 // The same libpython functions pyo3-ffi declares "C" (an extension links no
 // libpython: they are resolved from the interpreter when it is loaded).
 extern "C-unwind" {
-    // 3.11+ export PyObject_Vectorcall itself (3.10 only inlines it).
-    #[cfg(Py_3_11)]
-    #[link_name = "PyObject_Vectorcall"]
+    /// PyObject_Vectorcall, exported from 3.11 on; 3.10 only inlines it, so
+    /// there PyObject_VectorcallDict, the same call with a (null) kwargs dict.
+    #[cfg_attr(Py_3_11, link_name = "PyObject_Vectorcall")]
+    #[cfg_attr(not(Py_3_11), link_name = "PyObject_VectorcallDict")]
     fn vectorcall_raw(
         callable: *mut ffi::PyObject,
         args: *const *mut ffi::PyObject,
         nargsf: usize,
-        kwnames: *mut ffi::PyObject,
-    ) -> *mut ffi::PyObject;
-    #[cfg(not(Py_3_11))]
-    #[link_name = "PyObject_VectorcallDict"]
-    fn vectorcall_raw(
-        callable: *mut ffi::PyObject,
-        args: *const *mut ffi::PyObject,
-        nargsf: usize,
-        kwdict: *mut ffi::PyObject,
+        kwnames_or_dict: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject;
     #[link_name = "PyObject_Call"]
     fn object_call(
@@ -43,12 +37,6 @@ extern "C-unwind" {
         args: *mut ffi::PyObject,
         kwargs: *mut ffi::PyObject,
     ) -> *mut ffi::PyObject;
-    #[link_name = "PyIter_Send"]
-    fn iter_send_raw(
-        iter: *mut ffi::PyObject,
-        arg: *mut ffi::PyObject,
-        presult: *mut *mut ffi::PyObject,
-    ) -> ffi::PySendResult;
 }
 
 /// Dropped only by a forced unwind out of the call it guards (a Rust panic
@@ -66,6 +54,15 @@ impl Drop for ParkThread {
     }
 }
 
+/// Runs `call` (a "C-unwind" call into Python) under the guard.
+#[inline(always)]
+fn guarded<R>(call: impl FnOnce() -> R) -> R {
+    let guard = ParkThread;
+    let r = call();
+    std::mem::forget(guard);
+    r
+}
+
 /// `callable(*args[:n])`.
 ///
 /// # Safety
@@ -77,40 +74,19 @@ pub(crate) unsafe fn vectorcall(
     args: *const *mut ffi::PyObject,
     n: usize,
 ) -> *mut ffi::PyObject {
-    let guard = ParkThread;
-    let r = vectorcall_raw(func, args, n, ptr::null_mut());
-    std::mem::forget(guard);
-    r
+    // SAFETY: the caller's contract; a null kwnames/kwargs is "none".
+    guarded(|| unsafe { vectorcall_raw(func, args, n, ptr::null_mut()) })
 }
 
-/// `callable(*args, **kwargs)`.
+/// `callable(*args)`.
 ///
 /// # Safety
-/// GIL held; `func` live, `args` a live tuple, `kwargs` a live dict or null.
+/// GIL held; `func` live, `args` a live tuple.
 #[inline]
 pub(crate) unsafe fn call(
     func: *mut ffi::PyObject,
     args: *mut ffi::PyObject,
-    kwargs: *mut ffi::PyObject,
 ) -> *mut ffi::PyObject {
-    let guard = ParkThread;
-    let r = object_call(func, args, kwargs);
-    std::mem::forget(guard);
-    r
-}
-
-/// `PyIter_Send(it, v, &result)`.
-///
-/// # Safety
-/// GIL held; `it` and `v` live; `result` writable.
-#[inline]
-pub(crate) unsafe fn iter_send(
-    it: *mut ffi::PyObject,
-    v: *mut ffi::PyObject,
-    result: *mut *mut ffi::PyObject,
-) -> ffi::PySendResult {
-    let guard = ParkThread;
-    let r = iter_send_raw(it, v, result);
-    std::mem::forget(guard);
-    r
+    // SAFETY: the caller's contract; a null kwargs is "none".
+    guarded(|| unsafe { object_call(func, args, ptr::null_mut()) })
 }

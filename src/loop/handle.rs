@@ -490,9 +490,7 @@ impl HandleRef {
                         let argv = [a.as_ptr()];
                         super::exit_safe::vectorcall(func.as_ptr(), argv.as_ptr(), 1)
                     }
-                    (2, Some(t)) => {
-                        super::exit_safe::call(func.as_ptr(), t.as_ptr(), ptr::null_mut())
-                    }
+                    (2, Some(t)) => super::exit_safe::call(func.as_ptr(), t.as_ptr()),
                     _ => super::exit_safe::vectorcall(func.as_ptr(), ptr::null(), 0),
                 };
                 let err = if res.is_null() {

@@ -378,7 +378,6 @@ print("exiting", flush=True)
 """
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 14), reason="3.14 parks such threads itself")
 def test_interpreter_exit_with_busy_daemon_loop_threads() -> None:
     """3.10-3.13 end a daemon thread that wants the GIL during finalization
     with pthread_exit(), a forced unwind; through the loop's Rust frames it
